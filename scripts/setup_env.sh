@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned requirements. Idempotent: `make` calls it only when requirements.txt changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# FFCV compiles against libturbojpeg and OpenCV; pip cannot install those.
+if ! pkg-config --exists libturbojpeg opencv4 2>/dev/null; then
+    apt_cmd="apt-get update && apt-get install -y --no-install-recommends pkg-config libturbojpeg0-dev libopencv-dev"
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing system libraries for FFCV"
+        DEBIAN_FRONTEND=noninteractive bash -c "$apt_cmd" >/dev/null
+    else
+        echo "setup: FFCV needs system libraries; run as root: $apt_cmd" >&2
+        exit 1
+    fi
+fi
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+"$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+    || { echo "setup: Python 3.11 is required (found $("$python" --version 2>&1))" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+touch .venv/.installed

@@ -1,0 +1,19 @@
+"""Spartan: sparse training by soft top-k masking via regularized optimal transport."""
+
+from spartan.topk import (
+    HardThreshold,
+    SoftTopKSolution,
+    hard_threshold,
+    hard_topk,
+    soft_topk,
+    solve_soft_topk,
+)
+
+__all__ = [
+    "HardThreshold",
+    "SoftTopKSolution",
+    "hard_threshold",
+    "hard_topk",
+    "soft_topk",
+    "solve_soft_topk",
+]
