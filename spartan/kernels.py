@@ -29,12 +29,12 @@ def soft_mask_pass(u: Tensor, costs: Tensor | None, out: Tensor, lam_hi: Tensor,
                    beta: Tensor) -> tuple[Tensor, Tensor]:
     """Write ``m = sigmoid(beta * (u - lam))`` into ``out``.
 
-    Returns ``[Σ c·m, Σ c·s, Σ c·s·(1 − 2m), Σ u]`` and ``[max s]`` with ``s = m(1 − m)``: the budget
-    residual's value and first two derivatives (up to powers of ``-beta``) and a validity check.
+    Returns ``[Σ c·m, Σ c·s, Σ c·s·(1 − 2m), Σ (u − u)]`` and ``[max s]`` with ``s = m(1 − m)``: the
+    budget residual's value and first two derivatives (up to powers of ``-beta``) and a validity check.
 
     ``lam = lam_hi + lam_lo`` is split in two floats of ``u``'s dtype so that ``u − lam`` keeps
     float64 accuracy in float32 arithmetic (``u − lam_hi`` is exact near the threshold, where it
-    matters). ``Σ u`` is non-finite exactly when some entry is.
+    matters). ``Σ (u − u)`` is NaN exactly when some entry is not finite, and 0 otherwise.
     """
     m = torch.sigmoid(((u - lam_hi) - lam_lo) * beta)
     out.copy_(m)
@@ -45,19 +45,27 @@ def soft_mask_pass(u: Tensor, costs: Tensor | None, out: Tensor, lam_hi: Tensor,
     else:
         c = costs.double()
         mass, slope, curvature = m.double() * c, s.double() * c, curve.double() * c
-    sums = torch.stack([mass.sum(), slope.sum(), curvature.sum(), u.double().sum()])
+    sums = torch.stack([mass.sum(), slope.sum(), curvature.sum(), (u - u).sum().double()])
     return sums, s.amax().double().reshape(1)
 
 
 def band_pass(u: Tensor, costs: Tensor | None, flags: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Set ``flags`` (uint8) to 1 where ``lo <= u < hi``; return ``[cost of u >= hi, cost in band, Σ u], []``."""
+    """Set ``flags`` (uint8) to 1 where ``lo <= u < hi``.
+
+    Returns ``[cost of u >= hi, cost in band, Σ (u − u)]`` and no maxima; costs are counts without ``costs``.
+    """
     inside = (u >= lo) & (u < hi)
     # uint8 rather than bool: Inductor's C++ backend does not vectorize bool stores (8x slower here).
-    flags.copy_(torch.where(inside, 1, 0).to(torch.uint8))
-    weight = torch.ones((), dtype=torch.float64, device=u.device) if costs is None else costs.double()
-    cost_above = torch.where(u >= hi, weight, 0.0)
-    cost_inside = torch.where(inside, weight, 0.0)
-    sums = torch.stack([cost_above.sum(), cost_inside.sum(), u.double().sum()])
+    inside_u8 = torch.where(inside, 1, 0).to(torch.uint8)
+    flags.copy_(inside_u8)
+    if costs is None:  # exact integer counts, loaded narrow (twice as fast as float64 sums)
+        cost_above = (u >= hi).to(torch.int32).sum().double()
+        cost_inside = inside_u8.to(torch.int32).sum().double()
+    else:
+        c = costs.double()
+        cost_above = torch.where(u >= hi, c, 0.0).sum()
+        cost_inside = torch.where(inside, c, 0.0).sum()
+    sums = torch.stack([cost_above, cost_inside, (u - u).sum().double()])
     return sums, sums.new_empty(0)
 
 

@@ -109,8 +109,9 @@ def _validate(values: Tensor, budget: float, costs: Tensor | None) -> tuple[floa
     return budget, total
 
 
-def _check_finite_values(values_sum: float) -> None:
-    if not math.isfinite(values_sum):
+def _check_finite_values(check: float) -> None:
+    """``check`` is any sum that is NaN or infinite exactly when some value is (e.g. ``Σ (u − u)``)."""
+    if not math.isfinite(check):
         raise ValueError("values must be finite, found NaN or Inf")
 
 
@@ -195,9 +196,9 @@ def _solve_lambda(u: Tensor, c: Tensor | None, mask: Tensor, budget: float, tota
     lam = float(lam_init) if lam_init is not None else _initial_lambda(u, rho)
     step = step_before = math.inf
     for it in range(1, max_iter + 1):
-        mass, slope, curvature, values_sum, slope_max = evaluate(lam)
+        mass, slope, curvature, finite_check, slope_max = evaluate(lam)
         if it == 1:
-            _check_finite_values(values_sum)
+            _check_finite_values(finite_check)
         f = mass - budget
         # To first order the remaining Newton step moves entry i by s_i·|f| / Σ c·s.
         if abs(f) <= tol * budget and abs(f) * slope_max <= tol * slope:
@@ -314,9 +315,9 @@ def hard_threshold(values: Tensor, budget: float, costs: Tensor | None = None, *
         for attempt in range(1000):
             lo_t, hi_t = (torch.tensor(x, dtype=dtype, device=u.device) for x in (lo, hi))
             lo, hi = float(lo_t), float(hi_t)
-            cost_above, cost_inside, values_sum = kernels.run(kernels.band_pass, u, c, flags, lo_t, hi_t)
+            cost_above, cost_inside, finite_check = kernels.run(kernels.band_pass, u, c, flags, lo_t, hi_t)
             if attempt == 0:
-                _check_finite_values(values_sum)
+                _check_finite_values(finite_check)
             if cost_above > fits:  # the boundary is at or above hi
                 lo, hi = hi, _step_out(hi, hi - lo, +1)
                 continue
