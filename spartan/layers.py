@@ -59,10 +59,14 @@ class MaskedTensor:
 
     def entry_values(self, weight: Tensor) -> Tensor:
         """``Σ |w|`` over each entry's block, shaped ``entry_shape``."""
+        return self.block_sum(weight.abs())
+
+    def block_sum(self, x: Tensor) -> Tensor:
+        """Sum a weight-shaped tensor over each entry's block, giving ``entry_shape``."""
         if self.block == (1, 1):
-            return weight.abs()
+            return x
         (bh, bw), (rows, cols, *rest) = self.block, self.entry_shape
-        return weight.abs().reshape(rows, bh, cols, bw, *rest).sum(dim=(1, 3))
+        return x.reshape(rows, bh, cols, bw, *rest).sum(dim=(1, 3))
 
     def expand(self, entries: Tensor) -> Tensor:
         """Broadcast per-entry values (shaped ``entry_shape``) back to the weight's shape."""
