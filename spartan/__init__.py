@@ -1,5 +1,7 @@
 """Spartan: sparse training by soft top-k masking via regularized optimal transport."""
 
+from spartan.config import SparsityConfig
+from spartan.sparsifier import Sparsifier
 from spartan.topk import (
     HardThreshold,
     SoftTopKSolution,
@@ -11,6 +13,8 @@ from spartan.topk import (
 
 __all__ = [
     "HardThreshold",
+    "Sparsifier",
+    "SparsityConfig",
     "SoftTopKSolution",
     "hard_threshold",
     "hard_topk",

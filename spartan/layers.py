@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 log = logging.getLogger("spartan")
 
@@ -38,6 +39,9 @@ class MaskedTensor:
 
     @property
     def weight(self) -> nn.Parameter:
+        """The Parameter itself, also while a mask parametrization is attached to it."""
+        if parametrize.is_parametrized(self.module, self.attr):
+            return self.module.parametrizations[self.attr].original
         return getattr(self.module, self.attr)
 
     @property

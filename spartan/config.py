@@ -1,0 +1,68 @@
+"""``SparsityConfig``: everything that defines how a model is sparsified (the Hydra ``sparsity`` group's schema)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from spartan.allocation import ACCOUNTINGS, ALLOCATIONS
+from spartan.costs import COST_MODELS
+from spartan.masking import METHODS
+from spartan.schedules import BETA_SCHEDULES, DENSITY_SCHEDULES
+
+
+@dataclass
+class SparsityConfig:
+    """What to mask, how much, by which method, and on what schedule.
+
+    ``target`` is the final *sparsity* (fraction of zeros, in [0, 1)); with ``accounting="all"`` it counts every
+    parameter of the model (biases, norms, embeddings and excluded layers stay dense, so masked layers are made
+    sparser), with ``"masked"`` only the masked weights. With the ``flops`` cost model it is a fraction of
+    FLOPs. ``beta_*`` are in 1/unit-value units (unit value = mean |w| over an entry's block).
+    """
+
+    method: str = "spartan"
+    target: float = 0.9
+    block: tuple[int, int] = (1, 1)
+    block_fallback: bool = False
+    allocation: str = "global"
+    accounting: str = "all"
+    cost: str = "params"
+    input_shape: tuple[int, ...] | None = None
+    custom_costs: dict[str, float] | None = None
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    density_init: float = 1.0
+    warmup_frac: float = 0.2
+    finetune_frac: float = 0.2
+    density_schedule: str = "linear"
+    beta_init: float = 1.0
+    beta_final: float = 10.0
+    beta_schedule: str = "linear"
+    tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        self.block = tuple(self.block)
+        self.include = tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        if self.input_shape is not None:
+            self.input_shape = tuple(self.input_shape)
+        for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("accounting", ACCOUNTINGS),
+                              ("cost", COST_MODELS), ("density_schedule", DENSITY_SCHEDULES),
+                              ("beta_schedule", BETA_SCHEDULES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"sparsity.{name} must be one of {allowed}, got {value!r}")
+        if not (isinstance(self.target, (int, float)) and 0.0 <= self.target < 1.0):
+            raise ValueError(f"sparsity.target must be a sparsity in [0, 1), got {self.target!r}")
+        if self.cost == "flops" and self.input_shape is None:
+            raise ValueError("sparsity.input_shape (one sample's shape, e.g. [3, 224, 224]) is required with "
+                             "sparsity.cost=flops")
+        if self.cost == "custom" and not self.custom_costs:
+            raise ValueError("sparsity.custom_costs (module-name glob -> cost per weight) is required with "
+                             "sparsity.cost=custom")
+        if not (0 < self.tol < 1 and math.isfinite(self.tol)):
+            raise ValueError(f"sparsity.tol must be in (0, 1), got {self.tol}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,396 @@
+"""``Sparsifier``: the object users hold to train a model to an exact sparsity (DESIGN.md §1 and §2).
+
+The training loop::
+
+    sparsifier = Sparsifier(model, SparsityConfig(target=0.9), total_steps, optimizer=optimizer)
+    for batch in data:
+        loss = criterion(model(x), y)
+        loss.backward()
+        sparsifier.finish_backward()     # Spartan's global gradient term (a no-op for other methods)
+        optimizer.step(); optimizer.zero_grad()
+        sparsifier.step()                # new masks from the updated weights
+    model = sparsifier.finalize()        # plain modules with exact zeros
+
+Masks are attached as ``torch.nn.utils.parametrize`` parametrizations: the Parameters themselves are kept (an
+optimizer built before or after works), nothing is registered as a buffer (DDP does not broadcast masks;
+every rank recomputes them identically from the synchronized weights), and no autograd graph is kept
+between steps, so ``copy.deepcopy(model)`` works. While masks are attached, ``model.state_dict()`` keys of
+masked weights read ``<module>.parametrizations.<name>.original``; ``finalize()`` restores the plain keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from spartan.allocation import layer_densities, masked_density
+from spartan.config import SparsityConfig
+from spartan.costs import cost_factors, flops_per_weight
+from spartan.layers import MaskedTensor, find_masked_tensors
+from spartan.masking import GradientCorrection, masked_weight, spartan_weight, straight_through_weight
+from spartan.schedules import Schedule
+from spartan.topk import HardThreshold, hard_threshold, solve_soft_topk
+
+
+class _Mask(nn.Module):
+    """The parametrization of one masked weight: ``weight -> effective weight`` by the current mode."""
+
+    def __init__(self, tensor: MaskedTensor):
+        super().__init__()
+        self.tensor = tensor
+        self.mode = "masked"  # "spartan" | "straight_through" | "masked"
+        self.keep: Tensor | None = None
+        self.soft: Tensor | None = None
+        self.slope: Tensor | None = None
+        self.cost = 1.0
+        self.correction: GradientCorrection | None = None
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.mode == "spartan":
+            return spartan_weight(weight, self.tensor, self.keep, self.soft, self.slope, self.cost, self.correction)
+        if self.mode == "straight_through":
+            return straight_through_weight(weight, self.tensor, self.keep)
+        return masked_weight(weight, self.tensor, self.keep)
+
+
+@dataclass(eq=False)
+class _Group:
+    """Masked tensors that share one budget (all of them for ``global`` allocation, else one tensor)."""
+
+    members: list[int]
+    slices: list[slice]
+    costs: Tensor | None  # per-entry costs, or None when they all equal ``unit_cost``
+    unit_cost: float
+    total_cost: float
+    values: Tensor
+    soft: Tensor
+    hard: Tensor
+    previous_hard: Tensor
+    correction: GradientCorrection
+    lam: float | None = None
+    threshold: HardThreshold | None = None
+    telemetry: dict = field(default_factory=dict)
+
+
+class Sparsifier:
+    """Trains ``model``'s Conv2d / Linear / attention weights to ``config.target`` sparsity over ``total_steps``.
+
+    ``optimizer`` (optional) lets the freeze zero the optimizer state of pruned weights, so momentum and
+    weight decay cannot revive them; without it, call :meth:`prune_optimizer_state` yourself at the freeze.
+    """
+
+    def __init__(self, model: nn.Module, config: SparsityConfig, total_steps: int, *,
+                 optimizer: torch.optim.Optimizer | None = None):
+        if not isinstance(config, SparsityConfig):
+            raise ValueError(f"config must be a SparsityConfig, got {type(config).__name__}")
+        self.model, self.config, self.optimizer = model, config, optimizer
+        self.schedule = Schedule(total_steps=total_steps, density_final=1.0 - config.target,
+                                 density_init=max(config.density_init, 1.0 - config.target),
+                                 warmup_frac=config.warmup_frac, finetune_frac=config.finetune_frac,
+                                 density_schedule=config.density_schedule, beta_init=config.beta_init,
+                                 beta_final=config.beta_final, beta_schedule=config.beta_schedule)
+        self.tensors = find_masked_tensors(model, include=config.include, exclude=config.exclude,
+                                           block=config.block, block_fallback=config.block_fallback)
+        self.factors = cost_factors(model, self.tensors, config.cost, input_shape=config.input_shape,
+                                    custom=config.custom_costs)
+        self.layer_costs = [f * t.weight.numel() for f, t in zip(self.factors, self.tensors)]
+        self.unmasked_cost = self._unmasked_cost()
+        if config.method != "dense":  # an unreachable target must fail now, not when the warm-up ends
+            masked_density(self.schedule.density_final, sum(self.layer_costs), self.unmasked_cost, config.accounting)
+        self.step_count = 0
+        self.frozen = False
+        self.finalized = False
+        self.masks = [_Mask(t) for t in self.tensors]
+        self.groups = self._make_groups()
+        if config.method != "dense":
+            for tensor, mask in zip(self.tensors, self.masks):
+                parametrize.register_parametrization(tensor.module, tensor.attr, mask, unsafe=True)
+        self._update()
+
+    # -------------------------------------------------------------------------------------- construction
+
+    def _unmasked_cost(self) -> float:
+        """Cost of what stays dense, for ``accounting="all"`` (cost units of the configured model)."""
+        masked_ids = {id(t.weight) for t in self.tensors}
+        if self.config.cost == "params":
+            return float(sum(p.numel() for p in self.model.parameters() if id(p) not in masked_ids))
+        # Other cost models: the excluded maskable layers at their own cost (biases and norms are negligible).
+        others = [t for t in find_masked_tensors(self.model) if id(t.weight) not in masked_ids]
+        if not others:
+            return 0.0
+        factors = cost_factors(self.model, others, self.config.cost, input_shape=self.config.input_shape,
+                               custom=self.config.custom_costs)
+        return float(sum(f * t.weight.numel() for f, t in zip(factors, others)))
+
+    def _make_groups(self) -> list[_Group]:
+        if self.config.method == "dense":
+            return []
+        if self.config.allocation == "global":
+            member_lists = [list(range(len(self.tensors)))]
+        else:
+            member_lists = [[i] for i in range(len(self.tensors))]
+        groups = []
+        for members in member_lists:
+            device = self.tensors[members[0]].weight.device
+            # Solve in float32 (float64 for float64 models): the precision soft_topk computes in.
+            dtype = torch.float64 if self.tensors[members[0]].weight.dtype == torch.float64 else torch.float32
+            entry_costs = [self.factors[i] * self.tensors[i].block_numel for i in members]
+            sizes = [self.tensors[i].n_entries for i in members]
+            starts = [sum(sizes[:k]) for k in range(len(sizes))]
+            slices = [slice(a, a + n) for a, n in zip(starts, sizes)]
+            n = sum(sizes)
+            uniform = all(c == entry_costs[0] for c in entry_costs)
+            costs = None if uniform else torch.cat([torch.full((s,), c, dtype=dtype, device=device)
+                                                    for s, c in zip(sizes, entry_costs)])
+            groups.append(_Group(
+                members=members, slices=slices, costs=costs, unit_cost=entry_costs[0] if uniform else 1.0,
+                total_cost=sum(c * s for c, s in zip(entry_costs, sizes)),
+                values=torch.empty(n, dtype=dtype, device=device), soft=torch.empty(n, dtype=dtype, device=device),
+                hard=torch.zeros(n, dtype=torch.bool, device=device),
+                previous_hard=torch.zeros(n, dtype=torch.bool, device=device),
+                correction=GradientCorrection(beta=1.0, slope_total=0.0,
+                                              accumulated=torch.zeros((), dtype=torch.float64, device=device))))
+        return groups
+
+    # -------------------------------------------------------------------------------------- training loop
+
+    def target_density(self, step: int | None = None) -> float:
+        """Overall target density (1 − sparsity) at ``step``, in the configured accounting (1 for ``dense``)."""
+        if self.config.method == "dense":
+            return 1.0
+        return self.schedule.density(self.step_count if step is None else step)
+
+    def finish_backward(self) -> None:
+        """Apply Spartan's global gradient term; call after ``backward()``, before unscaling/clipping/stepping.
+
+        Under DDP the per-group scalars are averaged over ranks (one all-reduce), like the gradients.
+        """
+        if self.config.method != "spartan" or self.frozen:
+            return
+        pending = [g for g in self.groups if g.correction.pending]
+        if not pending:
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            scalars = torch.stack([g.correction.accumulated for g in pending])
+            dist.all_reduce(scalars)
+            scalars /= dist.get_world_size()
+            for g, value in zip(pending, scalars):
+                g.correction.accumulated.copy_(value)
+        for g in pending:
+            g.correction.apply([(self.tensors[i], self.masks[i].slope) for i in g.members])
+
+    def step(self) -> dict[str, Any]:
+        """Advance one optimizer step: recompute masks from the updated weights; return telemetry."""
+        if self.finalized:
+            raise RuntimeError("Sparsifier.step() after finalize(): the model no longer carries masks")
+        if any(g.correction.pending for g in self.groups):
+            raise RuntimeError("sparsifier.step() found Spartan gradients without their global correction: call "
+                               "sparsifier.finish_backward() after loss.backward() and before optimizer.step()")
+        self.step_count += 1
+        return self._update()
+
+    def _update(self) -> dict[str, Any]:
+        """Masks for the current step from the current weights; freezes them at the freeze step."""
+        step = self.step_count
+        telemetry = {"step": step, "density_target": self.target_density(step), "frozen": self.frozen}
+        if self.frozen or self.config.method == "dense":
+            return telemetry
+        density = masked_density(self.target_density(step), sum(self.layer_costs), self.unmasked_cost,
+                                 self.config.accounting)
+        per_layer = layer_densities([t.shape for t in self.tensors], self.layer_costs, density,
+                                    self.config.allocation)
+        beta = self.schedule.beta(step, math.prod(self.config.block))
+        for group in self.groups:
+            layer_density = density if per_layer is None else per_layer[group.members[0]]
+            self._update_group(group, layer_density * group.total_cost, beta)
+        entries = sum(g.hard.numel() for g in self.groups)
+        telemetry.update(masked_density_target=density, beta=beta,
+                         flip_rate=sum(g.telemetry["flip_rate"] * g.hard.numel() for g in self.groups) / entries)
+        if self.config.method == "spartan":
+            first = self.groups[0].telemetry
+            telemetry.update(lam=first["lam"], soft_kept=first["soft_kept"], soft_dropped=first["soft_dropped"],
+                             solver_iterations=max(g.telemetry["solver_iterations"] for g in self.groups))
+        if self.schedule.frozen(step):
+            self._freeze()
+            telemetry["frozen"] = True
+        return telemetry
+
+    def _update_group(self, group: _Group, budget: float, beta: float) -> None:
+        with torch.no_grad():
+            for i, part in zip(group.members, group.slices):
+                tensor = self.tensors[i]
+                group.values[part].view(tensor.entry_shape).copy_(tensor.entry_values(tensor.weight))
+            if group.costs is None:
+                group.values /= group.unit_cost  # unit values; the budget becomes a number of entries
+                budget /= group.unit_cost
+            budget = min(budget, float(group.values.numel()) if group.costs is None else group.total_cost)
+            group.previous_hard, group.hard = group.hard, group.previous_hard
+            group.threshold = hard_threshold(group.values, budget, group.costs, init=group.threshold)
+            group.threshold.mask(group.values, group.costs, out=group.hard)
+            flips = int((group.hard != group.previous_hard).sum())
+            group.telemetry = {"flip_rate": flips / group.hard.numel()}
+            if self.config.method == "spartan":
+                solution = solve_soft_topk(group.values, budget, beta, group.costs, lam_init=group.lam,
+                                           tol=self.config.tol, out=group.soft)
+                group.lam = solution.lam if math.isfinite(solution.lam) else None  # trivial budgets: no λ
+                slope = group.soft * (1 - group.soft)
+                weighted = slope if group.costs is None else slope * group.costs
+                group.correction.beta = beta
+                group.correction.slope_total = float(weighted.double().sum()) * group.unit_cost  # S = Σ c·s
+                kept = group.soft[group.hard]
+                dropped = group.soft[~group.hard]
+                group.telemetry.update(lam=solution.lam, solver_iterations=solution.iterations,
+                                       soft_kept=float(kept.mean()) if kept.numel() else math.nan,
+                                       soft_dropped=float(dropped.mean()) if dropped.numel() else math.nan)
+            for i, part in zip(group.members, group.slices):
+                self._set_layer_masks(i, group, part)
+
+    def _set_layer_masks(self, i: int, group: _Group, part: slice) -> None:
+        tensor, mask = self.tensors[i], self.masks[i]
+        dtype = tensor.weight.dtype
+        hard = group.hard[part].view(tensor.entry_shape).to(dtype)
+        if self.config.method == "spartan":
+            soft = group.soft[part].view(tensor.entry_shape)
+            mask.mode, mask.soft, mask.slope = "spartan", soft.to(dtype), (soft * (1 - soft)).to(dtype)
+            mask.keep, mask.cost = hard * mask.soft, self.factors[i] * tensor.block_numel
+            mask.correction = group.correction
+        else:
+            mask.mode = "straight_through" if self.config.method == "topkast" else "masked"
+            mask.keep = hard
+
+    def _freeze(self) -> None:
+        """Fix the masks: kept entries keep their multiplier (the soft value for Spartan), dropped become 0."""
+        for tensor, mask in zip(self.tensors, self.masks):
+            mask.mode, mask.soft, mask.slope, mask.correction = "masked", None, None, None
+        self.prune_optimizer_state(self.optimizer)
+        self.frozen = True
+
+    def prune_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Zero pruned weights and their optimizer state (momentum, Adam moments) so nothing revives them."""
+        with torch.no_grad():
+            for tensor, mask in zip(self.tensors, self.masks):
+                if mask.keep is None:
+                    continue
+                alive = tensor.expand(mask.keep != 0).to(tensor.weight.dtype)
+                tensor.weight.mul_(alive)
+                state = optimizer.state.get(tensor.weight, {}) if optimizer is not None else {}
+                for value in state.values():
+                    if isinstance(value, Tensor) and value.shape == tensor.weight.shape:
+                        value.mul_(alive)
+
+    # -------------------------------------------------------------------------------------- end of training
+
+    def finalize(self) -> nn.Module:
+        """Bake ``w ⊙ mask`` into the weights and remove all masking: plain modules with exact zeros."""
+        if self.finalized:
+            return self.model
+        if self.config.method != "dense":
+            if not self.frozen:
+                self._freeze()
+            with torch.no_grad():
+                for tensor, mask in zip(self.tensors, self.masks):
+                    parametrize.remove_parametrizations(tensor.module, tensor.attr, leave_parametrized=False)
+                    tensor.weight.mul_(tensor.expand(mask.keep))
+        self.finalized = True
+        return self.model
+
+    # -------------------------------------------------------------------------------------- reporting
+
+    def report(self, input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """Per-layer and total densities, target vs actual; FLOPs when ``input_shape`` (or config's) is known.
+
+        Densities are fractions of weights kept (nonzero in the effective weight).
+        """
+        input_shape = input_shape or self.config.input_shape
+        flops = flops_per_weight(self.model, self.tensors, input_shape) if input_shape else None
+        layers = []
+        masked_kept = masked_total = 0
+        target = masked_density(self.target_density(), sum(self.layer_costs), self.unmasked_cost,
+                                self.config.accounting)
+        per_layer = layer_densities([t.shape for t in self.tensors], self.layer_costs, target, self.config.allocation)
+        for i, (tensor, mask) in enumerate(zip(self.tensors, self.masks)):
+            kept = self._kept_weights(tensor, mask)
+            numel = tensor.weight.numel()
+            masked_kept, masked_total = masked_kept + kept, masked_total + numel
+            row = {"name": tensor.name, "shape": tuple(tensor.shape), "block": tensor.block,
+                   "density_target": target if per_layer is None else per_layer[i],
+                   "density": kept / numel, "params": numel, "params_kept": kept}
+            if flops is not None:
+                row["flops_dense"], row["flops_sparse"] = flops[i] * numel, flops[i] * kept
+            layers.append(row)
+        all_params = sum(p.numel() for p in self.model.parameters())
+        totals = {"sparsity_target": 1 - self.target_density(), "accounting": self.config.accounting,
+                  "sparsity_masked": 1 - masked_kept / masked_total,
+                  "sparsity_all": 1 - (all_params - masked_total + masked_kept) / all_params,
+                  "params": all_params, "params_masked": masked_total, "params_kept": masked_kept}
+        if flops is not None:
+            dense = sum(r["flops_dense"] for r in layers)
+            totals.update(flops_dense=dense, flops_sparse=sum(r["flops_sparse"] for r in layers))
+            totals["flops_reduction"] = dense / max(totals["flops_sparse"], 1)
+        return {"layers": layers, "totals": totals}
+
+    def _kept_weights(self, tensor: MaskedTensor, mask: _Mask) -> int:
+        if self.finalized or mask.keep is None:
+            return int(torch.count_nonzero(tensor.weight))
+        return int(torch.count_nonzero(mask.keep)) * tensor.block_numel
+
+    # -------------------------------------------------------------------------------------- checkpoints
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "total_steps": self.schedule.total_steps,
+                "tensors": [(t.name, tuple(t.shape), t.block) for t in self.tensors]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step, warm starts and (once frozen) the fixed masks; soft masks are recomputed from the weights."""
+        state = {"fingerprint": self._fingerprint(), "step": self.step_count, "frozen": self.frozen,
+                 "finalized": self.finalized,
+                 "groups": [{"lam": g.lam, "threshold": None if g.threshold is None else {
+                     "threshold": g.threshold.threshold, "tie_keep": g.threshold.tie_keep.cpu(),
+                     "kept_cost": g.threshold.kept_cost, "band": g.threshold.band},
+                     "hard": g.hard.cpu()} for g in self.groups]}
+        if self.frozen:
+            state["frozen_keep"] = [m.keep.cpu() for m in self.masks]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`. Load the model's weights first: masks are rebuilt from them."""
+        mine, theirs = self._fingerprint(), state.get("fingerprint")
+        if theirs != mine:
+            diff = _first_difference(theirs, mine)
+            raise ValueError(f"sparsifier state does not match this model/config: {diff}")
+        if state["finalized"]:
+            raise ValueError("sparsifier state is from a finalized run; there is nothing to resume")
+        self.step_count = state["step"]
+        for group, saved in zip(self.groups, state["groups"]):
+            group.lam = saved["lam"]
+            t = saved["threshold"]
+            group.threshold = None if t is None else HardThreshold(
+                t["threshold"], t["tie_keep"].to(group.values.device), t["kept_cost"], tuple(t["band"]))
+        if state["frozen"]:
+            for tensor, mask, keep in zip(self.tensors, self.masks, state["frozen_keep"]):
+                mask.mode, mask.soft, mask.slope, mask.correction = "masked", None, None, None
+                mask.keep = keep.to(tensor.weight.device)
+            self.frozen = True
+            return
+        self.frozen = False
+        for group, saved in zip(self.groups, state["groups"]):
+            group.hard.copy_(saved["hard"])  # so the next flip rate is measured against the same mask
+        self._update()  # before the freeze step, so this only rebuilds the current masks
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for k, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{k}]")
+    return f"{path or 'state'}: saved {a!r}, this run {b!r}"

@@ -1,0 +1,338 @@
+"""The Sparsifier end to end: exact sparsity, plain finalized models, gradients, freezing, resume, bad input."""
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import spartan
+from spartan import Sparsifier, SparsityConfig
+from spartan.reference import sorted_hard_topk
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def train(model, sparsifier, optimizer, steps, seed=0, input_shape=(3, 8, 8), classes=10, batch=4):
+    gen = torch.Generator().manual_seed(seed)
+    telemetry = []
+    for _ in range(steps):
+        x = torch.randn(batch, *input_shape, generator=gen)
+        y = torch.randint(0, classes, (batch,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sparsifier.finish_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        telemetry.append(sparsifier.step())
+    return telemetry
+
+
+def masked_zeros(sparsifier):
+    return sum(int((t.weight == 0).sum()) for t in sparsifier.tensors)
+
+
+ARCHS = {
+    "tv_resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
+    "tv_vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32, num_classes=10), (3, 32, 32)),
+    "timm_vit_base_patch16_224": (lambda: timm.create_model("vit_base_patch16_224", img_size=32, num_classes=10),
+                                  (3, 32, 32)),
+    "timm_convnext_tiny": (lambda: timm.create_model("convnext_tiny", num_classes=10), (3, 32, 32)),
+    "timm_mobilenetv3_small_100": (lambda: timm.create_model("mobilenetv3_small_100", num_classes=10),
+                                   (3, 32, 32)),
+}
+
+
+def check_finalized(model, build, sparsifier, config):
+    reference = build()
+    assert type(model) is type(reference)
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    reference.load_state_dict(model.state_dict(), strict=True)
+    block = config.block[0] * config.block[1]
+    params = sum(p.numel() for p in model.parameters())
+    masked = sum(t.weight.numel() for t in sparsifier.tensors)
+    zeros = masked_zeros(sparsifier)  # everything else stays dense
+    if config.accounting == "all":
+        assert abs(zeros - config.target * params) <= block
+    else:
+        assert abs(zeros - config.target * masked) <= block
+    totals = sparsifier.report()["totals"]
+    assert totals["params_kept"] == masked - zeros
+    assert totals["sparsity_all"] == pytest.approx(zeros / params, abs=1e-12)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_architectures_finalize_to_plain_models_at_exact_sparsity(arch):
+    build, input_shape = ARCHS[arch]
+    torch.manual_seed(0)
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    config = SparsityConfig(method="spartan", target=0.9, warmup_frac=0.25, finetune_frac=0.25)
+    sparsifier = Sparsifier(model, config, total_steps=4, optimizer=optimizer)
+    train(model, sparsifier, optimizer, 4, input_shape=input_shape, batch=2)
+    check_finalized(sparsifier.finalize(), build, sparsifier, config)
+
+
+@pytest.mark.parametrize("method", ["spartan", "topkast", "magnitude", "dense"])
+@pytest.mark.parametrize("accounting", ["all", "masked"])
+@pytest.mark.parametrize("allocation,block", [("global", (1, 1)), ("uniform", (1, 1)), ("erk", (1, 1)),
+                                              ("global", (4, 4))])
+def test_methods_allocations_and_blocks_hit_the_target(method, accounting, allocation, block):
+    build = lambda: torchvision.models.resnet18(num_classes=10)  # noqa: E731
+    torch.manual_seed(0)
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    config = SparsityConfig(method=method, target=0.0 if method == "dense" else 0.8, accounting=accounting,
+                            allocation=allocation, block=block, block_fallback=True,
+                            warmup_frac=0.5, finetune_frac=0.25)
+    sparsifier = Sparsifier(model, config, total_steps=4, optimizer=optimizer)
+    train(model, sparsifier, optimizer, 4, input_shape=(3, 16, 16))
+    model = sparsifier.finalize()
+    if allocation == "global" or method == "dense":
+        check_finalized(model, build, sparsifier, config)
+    else:  # per-layer budgets: each layer within one block of its own target
+        for row in sparsifier.report()["layers"]:
+            assert abs(row["params_kept"] - row["density_target"] * row["params"]) <= 16 + 1e-6 * row["params"]
+
+
+def test_flops_weighted_global_allocation_keeps_fewer_costly_weights():
+    class TwoConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(8, 8, 3, padding=1)  # 8x8 outputs: 64 MACs per weight
+            self.b = nn.Conv2d(8, 8, 3, padding=1, stride=(2, 1))  # 4x8 outputs: 32 MACs per weight
+
+        def forward(self, x):
+            return self.b(x).sum() + self.a(x).sum()
+
+    torch.manual_seed(0)
+    model = TwoConvs()
+    config = SparsityConfig(method="topkast", target=0.7, cost="flops", input_shape=(8, 8, 8), accounting="masked",
+                            warmup_frac=0.0)
+    sparsifier = Sparsifier(model, config, total_steps=10)
+    assert sparsifier.factors == [64.0, 32.0]
+    values = torch.cat([model.a.weight.detach().abs().reshape(-1), model.b.weight.detach().abs().reshape(-1)])
+    costs = torch.cat([torch.full((576,), 64.0), torch.full((576,), 32.0)])
+    expected, _ = sorted_hard_topk(values, 0.3 * float(costs.sum()), costs)  # by value per cost
+    keeps = torch.cat([m.keep.reshape(-1) for m in sparsifier.masks]).bool()
+    assert torch.equal(keeps, expected)
+    kept_a, kept_b = int(keeps[:576].sum()), int(keeps[576:].sum())
+    assert kept_a < kept_b
+    assert 64 * kept_a + 32 * kept_b <= 0.3 * float(costs.sum())
+
+
+def test_spartan_gradients_equal_autograd_through_the_explicit_formula():
+    torch.manual_seed(1)
+    model = SmallCNN().double()
+    beta = 300.0
+    config = SparsityConfig(method="spartan", target=0.6, accounting="masked", warmup_frac=0.0,
+                            beta_init=beta, beta_final=beta, tol=1e-13)
+    sparsifier = Sparsifier(model, config, total_steps=10)
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([1, 4, 7])
+    nn.functional.cross_entropy(model(x), y).backward()
+    sparsifier.finish_backward()
+    ours = [t.weight.grad.clone() for t in sparsifier.tensors]
+
+    reference = copy.deepcopy(sparsifier)  # plain copy of the weights via a finalized twin
+    twin = reference.finalize()
+    originals = [t.weight.detach().clone().requires_grad_() for t in sparsifier.tensors]
+    values = torch.cat([w.abs().reshape(-1) for w in originals])
+    budget = 0.4 * values.numel()
+    soft = spartan.soft_topk(values, budget, beta, tol=1e-13)
+    hard = spartan.hard_topk(values.detach(), budget).to(values.dtype)
+    offsets = [0]
+    for w in originals:
+        offsets.append(offsets[-1] + w.numel())
+    replacements = {}
+    for t, w, a, b in zip(reference.tensors, originals, offsets, offsets[1:]):
+        soft_weight = soft[a:b].view_as(w) * w
+        replacements[f"{t.module_name}.{t.attr}"] = soft_weight + (hard[a:b].view_as(w) * soft_weight -
+                                                                  soft_weight).detach()
+    out = torch.func.functional_call(twin, replacements, (x,))
+    nn.functional.cross_entropy(out, y).backward()
+    for got, w in zip(ours, originals):
+        assert torch.allclose(got, w.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_magnitude_pruned_weights_get_no_gradient_and_stay_zero_through_finetune():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    config = SparsityConfig(method="magnitude", target=0.8, warmup_frac=0.2, finetune_frac=0.5)
+    sparsifier = Sparsifier(model, config, total_steps=10, optimizer=optimizer)
+    train(model, sparsifier, optimizer, 2)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    for t, m in zip(sparsifier.tensors, sparsifier.masks):
+        pruned = t.expand(m.keep) == 0
+        assert pruned.any() and (t.weight.grad[pruned] == 0).all()
+    optimizer.zero_grad()
+    train(model, sparsifier, optimizer, 3)  # through the freeze at step 5
+    assert sparsifier.frozen
+    pruned = [t.expand(m.keep) == 0 for t, m in zip(sparsifier.tensors, sparsifier.masks)]
+    train(model, sparsifier, optimizer, 5, seed=1)
+    for t, p in zip(sparsifier.tensors, pruned):
+        assert (t.weight[p] == 0).all()
+        assert (optimizer.state[t.weight]["momentum_buffer"][p] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["spartan", "topkast"])
+def test_dual_averaging_methods_keep_updating_pruned_weights_before_the_freeze(method):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier = Sparsifier(model, SparsityConfig(method=method, target=0.8, warmup_frac=0.0), total_steps=10,
+                            optimizer=optimizer)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    sparsifier.finish_backward()
+    for t, m in zip(sparsifier.tensors, sparsifier.masks):
+        pruned = t.expand(m.keep) == 0
+        assert (t.weight.grad[pruned] != 0).float().mean() > 0.5
+
+
+def run_steps(steps, resume_at=None, method="spartan"):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    config = SparsityConfig(method=method, target=0.85, warmup_frac=0.3, finetune_frac=0.3)
+    sparsifier = Sparsifier(model, config, total_steps=steps, optimizer=optimizer)
+    if resume_at is None:
+        telemetry = train(model, sparsifier, optimizer, steps)
+        return model, telemetry
+    head = train(model, sparsifier, optimizer, resume_at)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "sparsifier": sparsifier.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=False)
+    torch.manual_seed(123)  # a fresh process: different RNG, fresh objects
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sparsifier = Sparsifier(model, config, total_steps=steps, optimizer=optimizer)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    sparsifier.load_state_dict(checkpoint["sparsifier"])
+    tail = []
+    gen_state_steps = resume_at
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(gen_state_steps):  # replay the data stream to where it stopped
+        torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    for _ in range(steps - resume_at):
+        x, y = torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.finish_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        tail.append(sparsifier.step())
+    return model, head + tail
+
+
+@pytest.mark.parametrize("method", ["spartan", "magnitude"])
+@pytest.mark.parametrize("resume_at", [2, 5, 8])  # during warm-up, after it, after the freeze
+def test_resume_equals_uninterrupted_bitwise(method, resume_at):
+    whole, whole_telemetry = run_steps(10, method=method)
+    resumed, resumed_telemetry = run_steps(10, resume_at=resume_at, method=method)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert whole_telemetry == resumed_telemetry
+
+
+def test_deepcopy_and_state_dict_saving_work_in_every_phase():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sparsifier = Sparsifier(model, SparsityConfig(target=0.8, warmup_frac=0.4, finetune_frac=0.4), total_steps=5,
+                            optimizer=optimizer)  # density anneals over steps 0-2, masks freeze at step 3
+    for phase in ("warm-up", "annealed", "frozen", "finalized"):
+        if phase == "annealed":
+            train(model, sparsifier, optimizer, 2)
+        elif phase == "frozen":
+            train(model, sparsifier, optimizer, 1)
+            assert sparsifier.frozen
+        elif phase == "finalized":
+            sparsifier.finalize()
+        twin = copy.deepcopy(model).eval()
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.equal(model.eval()(x), twin(x)), phase
+        model.train()
+        torch.save(model.state_dict(), io.BytesIO())
+        torch.save(sparsifier.state_dict(), io.BytesIO())
+
+
+def test_optimizer_may_be_created_before_or_after():
+    model = SmallCNN()
+    before = {id(p) for p in model.parameters()}
+    Sparsifier(model, SparsityConfig(target=0.5), total_steps=3)
+    assert {id(p) for p in model.parameters()} == before
+
+
+def test_forgetting_finish_backward_is_an_error():
+    model = SmallCNN()
+    sparsifier = Sparsifier(model, SparsityConfig(target=0.5, warmup_frac=0.0), total_steps=3)
+    nn.functional.cross_entropy(model(torch.randn(2, 3, 8, 8)), torch.tensor([0, 1])).backward()
+    with pytest.raises(RuntimeError, match=r"call sparsifier.finish_backward\(\) after loss.backward\(\)"):
+        sparsifier.step()
+
+
+def test_telemetry_reports_the_schedule_and_the_solver():
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sparsifier = Sparsifier(model, SparsityConfig(target=0.9, warmup_frac=0.5, finetune_frac=0.25,
+                                                  beta_init=1, beta_final=9), total_steps=4, optimizer=optimizer)
+    telemetry = train(model, sparsifier, optimizer, 4)
+    assert [t["density_target"] for t in telemetry] == pytest.approx([0.55, 0.1, 0.1, 0.1])
+    first = telemetry[0]
+    assert first["beta"] == pytest.approx(1 + 8 / 3)
+    assert {"lam", "solver_iterations", "flip_rate", "soft_kept", "soft_dropped"} <= set(first)
+    assert first["soft_kept"] > first["soft_dropped"]
+    assert telemetry[2]["frozen"] and not telemetry[1]["frozen"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"target": 1.0}, r"sparsity.target must be a sparsity in \[0, 1\), got 1.0"),
+    ({"target": -0.1}, r"sparsity.target must be a sparsity in \[0, 1\)"),
+    ({"method": "rigl"}, "sparsity.method must be one of"),
+    ({"allocation": "random"}, "sparsity.allocation must be one of"),
+    ({"cost": "energy"}, "sparsity.cost must be one of"),
+    ({"density_schedule": "exp"}, "sparsity.density_schedule must be one of"),
+    ({"cost": "flops"}, "sparsity.input_shape .* is required with sparsity.cost=flops"),
+])
+def test_bad_config_names_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SparsityConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config,steps,message", [
+    (SparsityConfig(block=(4, 4)), 10, r"block \(4, 4\) does not divide conv1.weight"),
+    (SparsityConfig(include=["encoder.*"]), 10, "include pattern 'encoder.\\*' matches no maskable layer"),
+    (SparsityConfig(), 0, "total_steps must be a positive integer"),
+    (SparsityConfig(warmup_frac=0.6, finetune_frac=0.5), 10, "warmup_frac \\+ finetune_frac must be <= 1"),
+    (SparsityConfig(target=0.9999), 10, "unreachable counting all parameters"),
+])
+def test_bad_sparsifier_arguments(config, steps, message):
+    with pytest.raises(ValueError, match=message):
+        Sparsifier(SmallCNN(), config, total_steps=steps)
+
+
+def test_loading_state_from_another_config_or_model_is_an_error():
+    state = Sparsifier(SmallCNN(), SparsityConfig(target=0.5), total_steps=10).state_dict()
+    with pytest.raises(ValueError, match=r"config.target: saved 0.5, this run 0.6"):
+        Sparsifier(SmallCNN(), SparsityConfig(target=0.6), total_steps=10).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"tensors\[2\]: saved \('fc.weight', \(10, 16\), \(1, 1\)\), "
+                                         r"this run \('fc.weight', \(7, 16\), \(1, 1\)\)"):
+        Sparsifier(SmallCNN(classes=7), SparsityConfig(target=0.5), total_steps=10).load_state_dict(state)
