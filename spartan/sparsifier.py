@@ -225,7 +225,11 @@ class Sparsifier:
         with torch.no_grad():
             for i, part in zip(group.members, group.slices):
                 tensor = self.tensors[i]
-                group.values[part].view(tensor.entry_shape).copy_(tensor.entry_values(tensor.weight))
+                entries = group.values[part].view(tensor.entry_shape)
+                if tensor.block == (1, 1) and tensor.weight.dtype == entries.dtype:
+                    torch.abs(tensor.weight, out=entries)  # no temporary: this runs on every weight each step
+                else:
+                    entries.copy_(tensor.entry_values(tensor.weight))
             if group.costs is None:
                 group.values /= group.unit_cost  # unit values; the budget becomes a number of entries
                 budget /= group.unit_cost
@@ -233,36 +237,37 @@ class Sparsifier:
             group.previous_hard, group.hard = group.hard, group.previous_hard
             group.threshold = hard_threshold(group.values, budget, group.costs, init=group.threshold)
             group.threshold.mask(group.values, group.costs, out=group.hard)
-            flips = int((group.hard != group.previous_hard).sum())
+            flips = int(torch.count_nonzero(group.hard ^ group.previous_hard))
             group.telemetry = {"flip_rate": flips / group.hard.numel()}
             if self.config.method == "spartan":
                 solution = solve_soft_topk(group.values, budget, beta, group.costs, lam_init=group.lam,
                                            tol=self.config.tol, out=group.soft)
                 group.lam = solution.lam if math.isfinite(solution.lam) else None  # trivial budgets: no λ
-                slope = group.soft * (1 - group.soft)
-                weighted = slope if group.costs is None else slope * group.costs
                 group.correction.beta = beta
-                group.correction.slope_total = float(weighted.double().sum()) * group.unit_cost  # S = Σ c·s
-                kept = group.soft[group.hard]
-                dropped = group.soft[~group.hard]
-                group.telemetry.update(lam=solution.lam, solver_iterations=solution.iterations,
-                                       soft_kept=float(kept.mean()) if kept.numel() else math.nan,
-                                       soft_dropped=float(dropped.mean()) if dropped.numel() else math.nan)
-            for i, part in zip(group.members, group.slices):
-                self._set_layer_masks(i, group, part)
+                group.correction.slope_total = solution.slope_total * group.unit_cost  # S = Σ c·s
+                group.telemetry.update(lam=solution.lam, solver_iterations=solution.iterations)
+            kept_soft = sum(self._set_layer_masks(i, group, part) for i, part in zip(group.members, group.slices))
+            if self.config.method == "spartan":
+                n_kept = int(torch.count_nonzero(group.hard))
+                n_dropped = group.hard.numel() - n_kept
+                dropped_soft = float(group.soft.sum()) - kept_soft
+                group.telemetry.update(soft_kept=kept_soft / n_kept if n_kept else math.nan,
+                                       soft_dropped=dropped_soft / n_dropped if n_dropped else math.nan)
 
-    def _set_layer_masks(self, i: int, group: _Group, part: slice) -> None:
+    def _set_layer_masks(self, i: int, group: _Group, part: slice) -> float:
+        """Hand layer ``i`` its slice of the group's masks; return the sum of its kept soft values."""
         tensor, mask = self.tensors[i], self.masks[i]
         dtype = tensor.weight.dtype
-        hard = group.hard[part].view(tensor.entry_shape).to(dtype)
-        if self.config.method == "spartan":
-            soft = group.soft[part].view(tensor.entry_shape)
-            mask.mode, mask.soft, mask.slope = "spartan", soft.to(dtype), (soft * (1 - soft)).to(dtype)
-            mask.keep, mask.cost = hard * mask.soft, self.factors[i] * tensor.block_numel
-            mask.correction = group.correction
-        else:
+        hard = group.hard[part].view(tensor.entry_shape)
+        if self.config.method != "spartan":
             mask.mode = "straight_through" if self.config.method == "topkast" else "masked"
-            mask.keep = hard
+            mask.keep = hard.to(dtype)
+            return 0.0
+        soft = group.soft[part].view(tensor.entry_shape).to(dtype)
+        mask.mode, mask.soft, mask.slope = "spartan", soft, soft * (1 - soft)
+        mask.keep = torch.where(hard, soft, 0.0)
+        mask.cost, mask.correction = self.factors[i] * tensor.block_numel, group.correction
+        return float(mask.keep.sum())
 
     def _freeze(self) -> None:
         """Fix the masks: kept entries keep their multiplier (the soft value for Spartan), dropped become 0."""

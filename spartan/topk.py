@@ -43,6 +43,8 @@ class SoftTopKSolution:
     """Passes over the values (each evaluates the mask and the two sums Newton needs)."""
     budget_error: float
     """``|Σ c·m − B| / B`` of the returned mask (0 for the trivial budgets 0 and ``Σ c``)."""
+    slope_total: float
+    """``Σ c·m(1 − m)`` of the returned mask (cost units): the ``S`` of the implicit-differentiation backward."""
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,9 @@ def solve_soft_topk(values: Tensor, budget: float, beta: float, costs: Tensor | 
             _check_finite_values(float(u.double().sum()))
             mask.fill_(0.0 if budget == 0.0 else 1.0)
             lam = math.inf if budget == 0.0 else -math.inf
-            return SoftTopKSolution(mask.view(values.shape), lam, 0, 0.0)
-        lam, iterations, error = _solve_lambda(u, c, mask, budget, total, beta, lam_init, tol, int(max_iter))
-    return SoftTopKSolution(mask.view(values.shape), lam, iterations, error)
+            return SoftTopKSolution(mask.view(values.shape), lam, 0, 0.0, 0.0)
+        lam, iterations, error, slope = _solve_lambda(u, c, mask, budget, total, beta, lam_init, tol, int(max_iter))
+    return SoftTopKSolution(mask.view(values.shape), lam, iterations, error, slope)
 
 
 def _positive_finite(name: str, x: float) -> float:
@@ -171,11 +173,11 @@ def _positive_finite(name: str, x: float) -> float:
 
 
 def _solve_lambda(u: Tensor, c: Tensor | None, mask: Tensor, budget: float, total: float, beta: float,
-                  lam_init: float | None, tol: float, max_iter: int) -> tuple[float, int, float]:
+                  lam_init: float | None, tol: float, max_iter: int) -> tuple[float, int, float, float]:
     """Safeguarded Newton (Halley) on ``f(λ) = Σ c·sigmoid(β(u − λ)) − B``, strictly decreasing in λ.
 
     Keeps a bracket ``lo < λ* < hi`` from the signs seen so far; a step leaving it, or one not shrinking
-    fast enough, is replaced by bisection. Returns ``(λ, passes, relative budget error)``.
+    fast enough, is replaced by bisection. Returns ``(λ, passes, relative budget error, Σ c·s)``.
     """
     scalar = {"dtype": u.dtype, "device": u.device}
     beta_t = torch.tensor(beta, **scalar)
@@ -202,7 +204,7 @@ def _solve_lambda(u: Tensor, c: Tensor | None, mask: Tensor, budget: float, tota
         f = mass - budget
         # To first order the remaining Newton step moves entry i by s_i·|f| / Σ c·s.
         if abs(f) <= tol * budget and abs(f) * slope_max <= tol * slope:
-            return lam, it, abs(f) / budget
+            return lam, it, abs(f) / budget, slope
         if f > 0:
             lo = lam
         else:
@@ -226,7 +228,7 @@ def _solve_lambda(u: Tensor, c: Tensor | None, mask: Tensor, budget: float, tota
         lam += step
     warnings.warn(f"soft_topk: λ solve stopped after {it} passes with relative budget error "
                   f"{abs(f) / budget:.3e} (tol {tol:.1e})", RuntimeWarning, stacklevel=3)
-    return lam, it, abs(f) / budget
+    return lam, it, abs(f) / budget, slope
 
 
 def _halley_step(f: float, beta: float, slope: float, curvature: float) -> float:
@@ -242,8 +244,8 @@ def _halley_step(f: float, beta: float, slope: float, curvature: float) -> float
 def _initial_lambda(u: Tensor, rho: float) -> float:
     """Cold start: the (1 − ρ)-quantile of a sample of unit values, where the hard top-k boundary lies."""
     sample, _ = _sample(u, None)
-    ordered = torch.sort(sample).values
-    return float(ordered[min(len(ordered) - 1, int((1.0 - rho) * len(ordered)))])
+    rank = min(len(sample), int((1.0 - rho) * len(sample)) + 1)
+    return float(torch.kthvalue(sample.cpu(), rank).values)
 
 
 class SoftTopK(torch.autograd.Function):
