@@ -2,9 +2,9 @@
 
 A plain PyTorch loop (no Hydra): fixed train/val split, SGD with Nesterov momentum and a cosine learning
 rate, the same sparsity schedule for every method. Prints a markdown table (val top-1 mean ± std over seeds,
-measured sparsity, wall time) and writes it with the raw numbers.
+measured sparsity, layer collapse, wall time) and writes the raw numbers as JSON.
 
-    python scripts/compare_methods.py                      # docs/results_digits.md + .json
+    python scripts/compare_methods.py                      # table for docs/results_digits.md, raw .json
     python scripts/compare_methods.py --beta-final 10 100 1000 --methods spartan --sparsities 0.95
 """
 
@@ -76,14 +76,16 @@ def run(method: str, sparsity: float, seed: int, args, data) -> dict:
     model.eval()
     with torch.no_grad():
         accuracy = float((model(x_val).argmax(1) == y_val).float().mean())
-    totals = sparsifier.report()["totals"]
+    report = sparsifier.report()
+    totals = report["totals"]
     return {"method": method, "target": sparsity, "seed": seed, "beta_final": args.beta_final, "val_top1": accuracy,
-            "sparsity_all": totals["sparsity_all"], "sparsity_masked": totals["sparsity_masked"], "seconds": seconds}
+            "sparsity_all": totals["sparsity_all"], "sparsity_masked": totals["sparsity_masked"], "seconds": seconds,
+            "layers_kept": {row["name"]: row["params_kept"] for row in report["layers"]}}
 
 
 def table(results: list[dict]) -> str:
     lines = ["| method | β final | target sparsity | val top-1 (mean ± std) | sparsity, all params | "
-             "sparsity, masked | wall time / run |", "|---|---|---|---|---|---|---|"]
+             "sparsity, masked | runs with a fully pruned layer | wall time / run |", "|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["target"], r["beta_final"], r["method"]) for r in results},
                   key=lambda k: (k[0], ["dense", "spartan", "topkast", "magnitude"].index(k[2]), k[1]))
     for target, beta_final, method in keys:
@@ -92,6 +94,7 @@ def table(results: list[dict]) -> str:
         spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
         lines.append(f"| {method} | {beta_final:g} | {target:.2f} | {statistics.mean(acc):.2f} ± {spread:.2f} "
                      f"(n={len(acc)}) | {rows[0]['sparsity_all']:.4f} | {rows[0]['sparsity_masked']:.4f} | "
+                     f"{sum(min(r['layers_kept'].values()) == 0 for r in rows)} | "
                      f"{statistics.mean(r['seconds'] for r in rows):.1f} s |")
     return "\n".join(lines)
 
@@ -128,8 +131,7 @@ def main() -> None:
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1))
-    Path(args.out + ".table.md").write_text(text + "\n")
-    print(f"wrote {args.out}.json and {args.out}.table.md")
+    print(f"wrote {args.out}.json")
 
 
 if __name__ == "__main__":

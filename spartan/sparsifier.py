@@ -91,7 +91,7 @@ class Sparsifier:
             raise ValueError(f"config must be a SparsityConfig, got {type(config).__name__}")
         self.model, self.config, self.optimizer = model, config, optimizer
         self.schedule = Schedule(total_steps=total_steps, density_final=1.0 - config.target,
-                                 density_init=max(config.density_init, 1.0 - config.target),
+                                 density_init=config.density_init,
                                  warmup_frac=config.warmup_frac, finetune_frac=config.finetune_frac,
                                  density_schedule=config.density_schedule, beta_init=config.beta_init,
                                  beta_final=config.beta_final, beta_schedule=config.beta_schedule)

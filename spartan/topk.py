@@ -133,8 +133,9 @@ def solve_soft_topk(values: Tensor, budget: float, beta: float, costs: Tensor | 
 
     ``beta`` (> 0) is the inverse regularization strength in 1/unit-value units. Stops once
     ``|Σ c·m − B| <= tol·B`` and every entry is within ``tol`` of its limit to first order
-    (``max s · |Σ c·m − B| / Σ c·s <= tol`` with ``s = m(1 − m)``); after ``max_iter`` passes it warns with the error reached. ``out`` (optional, flat or
-    shaped like ``values``, of the compute dtype) receives the mask without allocating.
+    (``max s · |Σ c·m − B| / Σ c·s <= tol`` with ``s = m(1 − m)``); after ``max_iter`` passes it warns
+    with the error reached. ``out`` (optional, flat or shaped like ``values``, of the compute dtype)
+    receives the mask without allocating.
     """
     budget, total = _validate(values, budget, costs)
     beta = _positive_finite("beta", beta)

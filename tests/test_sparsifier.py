@@ -75,16 +75,42 @@ def check_finalized(model, build, sparsifier, config):
     assert totals["sparsity_all"] == pytest.approx(zeros / params, abs=1e-12)
 
 
+@pytest.mark.parametrize("method", ["spartan", "topkast", "magnitude"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_architectures_finalize_to_plain_models_at_exact_sparsity(arch):
+def test_architectures_finalize_to_plain_models_at_exact_sparsity(arch, method):
     build, input_shape = ARCHS[arch]
     torch.manual_seed(0)
     model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    config = SparsityConfig(method="spartan", target=0.9, warmup_frac=0.25, finetune_frac=0.25)
+    config = SparsityConfig(method=method, target=0.9, warmup_frac=0.25, finetune_frac=0.25)
     sparsifier = Sparsifier(model, config, total_steps=4, optimizer=optimizer)
     train(model, sparsifier, optimizer, 4, input_shape=input_shape, batch=2)
     check_finalized(sparsifier.finalize(), build, sparsifier, config)
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention with separate q/k/v projection weights (kdim, vdim != embed_dim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, kdim=4, vdim=6, batch_first=True)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        query, key, value = x[..., :8], x[..., 8:12], x[..., 12:]
+        return self.head(self.attention(query, key, value)[0].mean(1))
+
+
+def test_separate_attention_projections_are_masked_and_finalized():
+    torch.manual_seed(0)
+    model = CrossAttention()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = SparsityConfig(method="spartan", target=0.7, accounting="masked", warmup_frac=0.25, finetune_frac=0.25)
+    sparsifier = Sparsifier(model, config, total_steps=4, optimizer=optimizer)
+    assert [t.attr for t in sparsifier.tensors] == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "weight",
+                                                    "weight"]
+    train(model, sparsifier, optimizer, 4, input_shape=(5, 18))
+    check_finalized(sparsifier.finalize(), CrossAttention, sparsifier, config)
 
 
 @pytest.mark.parametrize("method", ["spartan", "topkast", "magnitude", "dense"])
@@ -228,9 +254,8 @@ def run_steps(steps, resume_at=None, method="spartan"):
     optimizer.load_state_dict(checkpoint["optimizer"])
     sparsifier.load_state_dict(checkpoint["sparsifier"])
     tail = []
-    gen_state_steps = resume_at
     gen = torch.Generator().manual_seed(0)
-    for _ in range(gen_state_steps):  # replay the data stream to where it stopped
+    for _ in range(resume_at):  # replay the data stream to where it stopped
         torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
     for _ in range(steps - resume_at):
         x, y = torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)

@@ -1,0 +1,54 @@
+"""One rank of the 2-process gloo DDP check in tests/test_distributed.py (run as a script)."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spartan import Sparsifier, SparsityConfig
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+
+
+def run(rank: int, world: int, steps: int) -> dict:
+    """Train ``steps`` steps on rank ``rank``'s share of each global batch of 8; record grads and masks."""
+    model = build()
+    config = SparsityConfig(method="spartan", target=0.8, warmup_frac=0.0, finetune_frac=0.0, beta_init=50,
+                            beta_final=50)
+    sparsifier = Sparsifier(model, config, total_steps=steps + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    record = {"grads": [], "masks": []}
+    share = 8 // world
+    for step in range(steps):
+        x, y = batch(step)
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        nn.functional.cross_entropy(trained(x), y).backward()
+        sparsifier.finish_backward()
+        record["grads"].append([t.weight.grad.clone() for t in sparsifier.tensors])
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        record["masks"].append([m.keep.clone() for m in sparsifier.masks])
+    return record
+
+
+if __name__ == "__main__":
+    rank, world, out = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
+    dist.init_process_group("gloo")
+    torch.save(run(rank, world, steps=3), f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # gloo on CPU can abort at interpreter exit after a clean shutdown (DESIGN.md §3)
