@@ -55,6 +55,18 @@ class SparsityConfig:
                 raise ValueError(f"sparsity.{name} must be one of {allowed}, got {value!r}")
         if not (isinstance(self.target, (int, float)) and 0.0 <= self.target < 1.0):
             raise ValueError(f"sparsity.target must be a sparsity in [0, 1), got {self.target!r}")
+        if not 1.0 - self.target <= self.density_init <= 1.0:
+            raise ValueError(f"sparsity.density_init must be in [1 - target = {1.0 - self.target:g}, 1], "
+                             f"got {self.density_init}")
+        for name in ("warmup_frac", "finetune_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"sparsity.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.warmup_frac + self.finetune_frac > 1.0:
+            raise ValueError(f"sparsity.warmup_frac + sparsity.finetune_frac must be <= 1, got {self.warmup_frac} + "
+                             f"{self.finetune_frac}")
+        for name in ("beta_init", "beta_final"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"sparsity.{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.cost == "flops" and self.input_shape is None:
             raise ValueError("sparsity.input_shape (one sample's shape, e.g. [3, 224, 224]) is required with "
                              "sparsity.cost=flops")

@@ -90,11 +90,7 @@ class Sparsifier:
         if not isinstance(config, SparsityConfig):
             raise ValueError(f"config must be a SparsityConfig, got {type(config).__name__}")
         self.model, self.config, self.optimizer = model, config, optimizer
-        self.schedule = Schedule(total_steps=total_steps, density_final=1.0 - config.target,
-                                 density_init=config.density_init,
-                                 warmup_frac=config.warmup_frac, finetune_frac=config.finetune_frac,
-                                 density_schedule=config.density_schedule, beta_init=config.beta_init,
-                                 beta_final=config.beta_final, beta_schedule=config.beta_schedule)
+        self.schedule = Schedule(config, total_steps)
         self.tensors = find_masked_tensors(model, include=config.include, exclude=config.exclude,
                                            block=config.block, block_fallback=config.block_fallback)
         self.factors = cost_factors(model, self.tensors, config.cost, input_shape=config.input_shape,
