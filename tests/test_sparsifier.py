@@ -297,6 +297,7 @@ def test_deepcopy_and_state_dict_saving_work_in_every_phase():
         model.train()
         torch.save(model.state_dict(), io.BytesIO())
         torch.save(sparsifier.state_dict(), io.BytesIO())
+    torch.save(model, io.BytesIO())  # whole-module pickling: once finalized (parametrized modules refuse it)
 
 
 def test_optimizer_may_be_created_before_or_after():
