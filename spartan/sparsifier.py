@@ -267,9 +267,12 @@ class Sparsifier:
 
     def _freeze(self) -> None:
         """Fix the masks: kept entries keep their multiplier (the soft value for Spartan), dropped become 0."""
-        for tensor, mask in zip(self.tensors, self.masks):
-            mask.mode, mask.soft, mask.slope, mask.correction = "masked", None, None, None
+        self._use_fixed_masks()
         self.prune_optimizer_state(self.optimizer)
+
+    def _use_fixed_masks(self) -> None:
+        for mask in self.masks:
+            mask.mode, mask.soft, mask.slope, mask.correction = "masked", None, None, None
         self.frozen = True
 
     def prune_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -375,9 +378,8 @@ class Sparsifier:
                 t["threshold"], t["tie_keep"].to(group.values.device), t["kept_cost"], tuple(t["band"]))
         if state["frozen"]:
             for tensor, mask, keep in zip(self.tensors, self.masks, state["frozen_keep"]):
-                mask.mode, mask.soft, mask.slope, mask.correction = "masked", None, None, None
                 mask.keep = keep.to(tensor.weight.device)
-            self.frozen = True
+            self._use_fixed_masks()  # the optimizer state was pruned before it was saved
             return
         self.frozen = False
         for group, saved in zip(self.groups, state["groups"]):
