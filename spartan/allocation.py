@@ -67,4 +67,4 @@ def masked_density(target_density: float, masked_cost: float, unmasked_cost: flo
         raise ValueError(f"target sparsity {1 - target_density:g} is unreachable counting all parameters: the "
                          f"unmasked ones alone are a density of {floor:.4f} (sparsity at most {1 - floor:.4f}); "
                          f"use accounting='masked' or mask more layers")
-    return needed
+    return min(needed, 1.0)  # a target of 1 may compute as 1 + 1e-16

@@ -25,25 +25,27 @@ COST_MODELS = ("params", "flops", "custom")
 
 
 def cost_factors(model: nn.Module, tensors: Sequence[MaskedTensor], cost: str, *,
-                 input_shape: Sequence[int] | None = None,
-                 custom: Mapping[str, float] | None = None) -> list[float]:
+                 input_shape: Sequence[int] | None = None, custom: Mapping[str, float] | None = None,
+                 allow_unused: bool = False) -> list[float]:
     """Cost per weight (cost units) of each masked tensor, in order.
 
     ``input_shape`` is one sample's shape without the batch dim (e.g. ``(3, 224, 224)``), needed for ``flops``;
-    ``custom`` maps module-name globs to factors (first match wins), needed for ``custom``.
+    ``custom`` maps module-name globs to factors (first match wins), needed for ``custom``. ``allow_unused``
+    gives layers the traced forward never runs 0 FLOPs instead of an error.
     """
     if cost == "params":
         return [1.0] * len(tensors)
     if cost == "flops":
         if input_shape is None:
             raise ValueError("the flops cost model needs input_shape, one sample's shape such as (3, 224, 224)")
-        return flops_per_weight(model, tensors, input_shape)
+        return flops_per_weight(model, tensors, input_shape, allow_unused=allow_unused)
     if cost == "custom":
         return _custom_factors(tensors, custom)
     raise ValueError(f"cost must be one of {COST_MODELS}, got {cost!r}")
 
 
-def flops_per_weight(model: nn.Module, tensors: Sequence[MaskedTensor], input_shape: Sequence[int]) -> list[float]:
+def flops_per_weight(model: nn.Module, tensors: Sequence[MaskedTensor], input_shape: Sequence[int], *,
+                     allow_unused: bool = False) -> list[float]:
     """Multiply-accumulates per weight per sample of each masked tensor, from one traced forward (eval mode)."""
     uses: dict[tuple[int, str], float] = defaultdict(float)
     masked = {id(t.module) for t in tensors}
@@ -68,7 +70,7 @@ def flops_per_weight(model: nn.Module, tensors: Sequence[MaskedTensor], input_sh
             module.training = training
     factors = [uses[(id(t.module), t.attr)] for t in tensors]
     unused = [t.name for t, f in zip(tensors, factors) if f == 0]
-    if unused:
+    if unused and not allow_unused:
         raise ValueError(f"the traced forward at input_shape {tuple(input_shape)} never used {unused}; exclude "
                          f"them from masking or use another cost model")
     return factors

@@ -71,7 +71,7 @@ class _SpartanWeight(torch.autograd.Function):
         correction.pending = True
         through_mask = tensor.expand(slope * grad_mask * (correction.beta / ctx.cost))
         grad_weight = grad * tensor.expand(soft) + weight.sign() * through_mask
-        return grad_weight, None, None, None, None, None, None
+        return grad_weight.to(weight.dtype), None, None, None, None, None, None
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -34,8 +34,9 @@ class Schedule:
         self.config, self.total_steps = config, total_steps
         self.density_final = 1.0 - config.target
         self.warmup_steps = config.warmup_frac * total_steps
-        # The first step with frozen masks (== total_steps when there is no fine-tuning).
-        self.freeze_step = round((1.0 - config.finetune_frac) * total_steps)
+        # The first step with frozen masks (== total_steps when there is no fine-tuning); never before the
+        # warm-up has reached the target, which rounding could otherwise cause for short runs.
+        self.freeze_step = max(round((1.0 - config.finetune_frac) * total_steps), math.ceil(self.warmup_steps))
 
     def frozen(self, step: int) -> bool:
         return step >= self.freeze_step

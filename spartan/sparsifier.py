@@ -52,6 +52,10 @@ class _Mask(nn.Module):
         self.correction: GradientCorrection | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
+        if self.keep.device != weight.device or self.keep.dtype != weight.dtype:
+            raise RuntimeError(f"{self.tensor.name} is {weight.dtype} on {weight.device} but its mask was built for "
+                               f"{self.keep.dtype} on {self.keep.device}: move the model (model.to(...)) before "
+                               f"creating the Sparsifier")
         if self.mode == "spartan":
             return spartan_weight(weight, self.tensor, self.keep, self.soft, self.slope, self.cost, self.correction)
         if self.mode == "straight_through":
@@ -83,13 +87,15 @@ class Sparsifier:
 
     ``optimizer`` (optional) lets the freeze zero the optimizer state of pruned weights, so momentum and
     weight decay cannot revive them; without it, call :meth:`prune_optimizer_state` yourself at the freeze.
+    ``process_group`` is the data-parallel group gradients are averaged over (default: the world).
+    Build the Sparsifier after placing the model (``model.to(device, dtype)``).
     """
 
     def __init__(self, model: nn.Module, config: SparsityConfig, total_steps: int, *,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None, process_group: Any = None):
         if not isinstance(config, SparsityConfig):
             raise ValueError(f"config must be a SparsityConfig, got {type(config).__name__}")
-        self.model, self.config, self.optimizer = model, config, optimizer
+        self.model, self.config, self.optimizer, self.process_group = model, config, optimizer, process_group
         self.schedule = Schedule(config, total_steps)
         self.tensors = find_masked_tensors(model, include=config.include, exclude=config.exclude,
                                            block=config.block, block_fallback=config.block_fallback)
@@ -112,7 +118,9 @@ class Sparsifier:
     # -------------------------------------------------------------------------------------- construction
 
     def _unmasked_cost(self) -> float:
-        """Cost of what stays dense, for ``accounting="all"`` (cost units of the configured model)."""
+        """Cost of what stays dense, counted by ``accounting="all"`` (cost units of the configured model)."""
+        if self.config.accounting == "masked":
+            return 0.0
         masked_ids = {id(t.weight) for t in self.tensors}
         if self.config.cost == "params":
             return float(sum(p.numel() for p in self.model.parameters() if id(p) not in masked_ids))
@@ -120,8 +128,12 @@ class Sparsifier:
         others = [t for t in find_masked_tensors(self.model) if id(t.weight) not in masked_ids]
         if not others:
             return 0.0
-        factors = cost_factors(self.model, others, self.config.cost, input_shape=self.config.input_shape,
-                               custom=self.config.custom_costs)
+        try:
+            factors = cost_factors(self.model, others, self.config.cost, input_shape=self.config.input_shape,
+                                   custom=self.config.custom_costs, allow_unused=True)
+        except ValueError as err:
+            raise ValueError(f"accounting='all' counts the excluded layers too: {err} (or use accounting='masked')") \
+                from None
         return float(sum(f * t.weight.numel() for f, t in zip(factors, others)))
 
     def _make_groups(self) -> list[_Group]:
@@ -165,21 +177,23 @@ class Sparsifier:
     def finish_backward(self) -> None:
         """Apply Spartan's global gradient term; call after ``backward()``, before unscaling/clipping/stepping.
 
-        Under DDP the per-group scalars are averaged over ranks (one all-reduce), like the gradients.
+        Under DDP the per-group scalars are averaged over ranks (one all-reduce), like the gradients. Every
+        rank reduces every group, pending or not (a rank may have skipped a layer), so the collectives match.
         """
         if self.config.method != "spartan" or self.frozen:
             return
-        pending = [g for g in self.groups if g.correction.pending]
-        if not pending:
-            return
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            scalars = torch.stack([g.correction.accumulated for g in pending])
-            dist.all_reduce(scalars)
-            scalars /= dist.get_world_size()
-            for g, value in zip(pending, scalars):
-                g.correction.accumulated.copy_(value)
-        for g in pending:
-            g.correction.apply([(self.tensors[i], self.masks[i].slope) for i in g.members])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            device = self.groups[0].correction.accumulated.device
+            packed = torch.tensor([[float(g.correction.accumulated), float(g.correction.pending)] for g in self.groups],
+                                  dtype=torch.float64, device=device)
+            dist.all_reduce(packed, group=self.process_group)
+            world = dist.get_world_size(self.process_group)
+            for g, (total, pending_ranks) in zip(self.groups, packed.tolist()):
+                g.correction.accumulated.fill_(total / world)
+                g.correction.pending = pending_ranks > 0
+        for g in self.groups:
+            if g.correction.pending:
+                g.correction.apply([(self.tensors[i], self.masks[i].slope) for i in g.members])
 
     def step(self) -> dict[str, Any]:
         """Advance one optimizer step: recompute masks from the updated weights; return telemetry."""
@@ -188,6 +202,10 @@ class Sparsifier:
         if any(g.correction.pending for g in self.groups):
             raise RuntimeError("sparsifier.step() found Spartan gradients without their global correction: call "
                                "sparsifier.finish_backward() after loss.backward() and before optimizer.step()")
+        for tensor, group in ((self.tensors[g.members[0]], g) for g in self.groups):
+            if tensor.weight.device != group.values.device:
+                raise RuntimeError(f"{tensor.name} moved to {tensor.weight.device} after the Sparsifier was built on "
+                                   f"{group.values.device}: move the model before creating the Sparsifier")
         self.step_count += 1
         return self._update()
 
@@ -201,12 +219,15 @@ class Sparsifier:
                                  self.config.accounting)
         per_layer = layer_densities([t.shape for t in self.tensors], self.layer_costs, density,
                                     self.config.allocation)
-        beta = self.schedule.beta(step, math.prod(self.config.block))
         for group in self.groups:
             layer_density = density if per_layer is None else per_layer[group.members[0]]
+            # A one-layer group uses its own block (unstructured after a block fallback); a global one the config's.
+            block_numel = self.tensors[group.members[0]].block_numel if len(group.members) == 1 \
+                else math.prod(self.config.block)
+            beta = self.schedule.beta(step, block_numel)
             self._update_group(group, layer_density * group.total_cost, beta)
         entries = sum(g.hard.numel() for g in self.groups)
-        telemetry.update(masked_density_target=density, beta=beta,
+        telemetry.update(masked_density_target=density, beta=self.schedule.beta(step, math.prod(self.config.block)),
                          flip_rate=sum(g.telemetry["flip_rate"] * g.hard.numel() for g in self.groups) / entries)
         if self.config.method == "spartan":
             first = self.groups[0].telemetry
@@ -224,8 +245,8 @@ class Sparsifier:
                 entries = group.values[part].view(tensor.entry_shape)
                 if tensor.block == (1, 1) and tensor.weight.dtype == entries.dtype:
                     torch.abs(tensor.weight, out=entries)  # no temporary: this runs on every weight each step
-                else:
-                    entries.copy_(tensor.entry_values(tensor.weight))
+                else:  # blocks are summed in the solver's precision, not in float16
+                    entries.copy_(tensor.entry_values(tensor.weight.to(entries.dtype)))
             if group.costs is None:
                 group.values /= group.unit_cost  # unit values; the budget becomes a number of entries
                 budget /= group.unit_cost
@@ -259,9 +280,9 @@ class Sparsifier:
             mask.mode = "straight_through" if self.config.method == "topkast" else "masked"
             mask.keep = hard.to(dtype)
             return 0.0
-        soft = group.soft[part].view(tensor.entry_shape).to(dtype)
+        soft = group.soft[part].view(tensor.entry_shape)  # soft and slope stay in the solver's precision
         mask.mode, mask.soft, mask.slope = "spartan", soft, soft * (1 - soft)
-        mask.keep = torch.where(hard, soft, 0.0)
+        mask.keep = torch.where(hard, soft, 0.0).to(dtype)
         mask.cost, mask.correction = self.factors[i] * tensor.block_numel, group.correction
         return float(mask.keep.sum())
 

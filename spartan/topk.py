@@ -342,7 +342,7 @@ def _initial_band(u: Tensor, c: Tensor | None, rho: float, init: HardThreshold |
     ranked = sample[order]
     weight = torch.ones_like(ranked) if sample_costs is None else sample_costs[order]
     fraction = torch.cumsum(weight, 0) / weight.sum()
-    centre = int(torch.searchsorted(fraction, torch.tensor(rho, dtype=fraction.dtype)))
+    centre = int(torch.searchsorted(fraction, torch.tensor(rho, dtype=fraction.dtype, device=fraction.device)))
     # About four standard deviations of the sample quantile's rank on each side.
     span = int(4 * math.sqrt(len(ranked) * rho * (1 - rho))) + 4
     top, bottom = centre - span, centre + span

@@ -361,3 +361,59 @@ def test_loading_state_from_another_config_or_model_is_an_error():
     with pytest.raises(ValueError, match=r"tensors\[2\]: saved \('fc.weight', \(10, 16\), \(1, 1\)\), "
                                          r"this run \('fc.weight', \(7, 16\), \(1, 1\)\)"):
         Sparsifier(SmallCNN(classes=7), SparsityConfig(target=0.5), total_steps=10).load_state_dict(state)
+
+
+def test_a_full_density_that_rounds_above_one_is_accepted():
+    model = nn.Sequential(nn.Linear(31, 17, bias=False), nn.Linear(17, 3, bias=False), nn.Linear(3, 31, bias=False))
+    config = SparsityConfig(target=0.5, exclude=["2"], cost="custom", custom_costs={"*": 0.1}, allocation="uniform")
+    sparsifier = Sparsifier(model, config, total_steps=10)  # step 0: density 1 computes as 1 + 2e-16
+    assert sparsifier.report()["totals"]["sparsity_masked"] == 0.0
+
+
+def test_masks_never_freeze_before_the_warmup_reaches_the_target():
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    config = SparsityConfig(target=0.9, warmup_frac=0.5, finetune_frac=0.5)
+    sparsifier = Sparsifier(model, config, total_steps=5, optimizer=optimizer)  # round(2.5) would freeze at 2
+    assert sparsifier.schedule.freeze_step == 3
+    train(model, sparsifier, optimizer, 5)
+    assert sparsifier.report()["totals"]["sparsity_all"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_excluded_layers_do_not_need_costs_when_only_masked_weights_count():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    config = SparsityConfig(target=0.5, exclude=["1"], cost="custom", custom_costs={"0": 1.0}, accounting="masked")
+    Sparsifier(model, config, total_steps=10)
+    with pytest.raises(ValueError, match="accounting='all' counts the excluded layers too: .*give no factor"):
+        Sparsifier(model, SparsityConfig(target=0.1, exclude=["1"], cost="custom", custom_costs={"0": 1.0}),
+                   total_steps=10)
+
+
+def test_unused_excluded_layer_costs_no_flops():
+    class WithSpare(SmallCNN):
+        def __init__(self):
+            super().__init__()
+            self.spare = nn.Linear(3, 3)  # never called
+
+    config = SparsityConfig(target=0.5, cost="flops", input_shape=(3, 8, 8), exclude=["spare"])
+    sparsifier = Sparsifier(WithSpare(), config, total_steps=10)
+    assert sparsifier.unmasked_cost == 0.0
+
+
+def test_moving_the_model_after_building_the_sparsifier_is_a_clear_error():
+    model = SmallCNN()
+    Sparsifier(model, SparsityConfig(target=0.5), total_steps=10)
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match=r"conv1.weight is torch.float64 on cpu but its mask was built for "
+                                           r"torch.float32 on cpu: move the model"):
+        model(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+
+
+def test_fallback_layers_use_the_unstructured_beta():
+    model = torchvision.models.resnet18(num_classes=10)
+    config = SparsityConfig(target=0.5, block=(4, 4), block_fallback=True, allocation="uniform", beta_init=2,
+                            beta_final=2, warmup_frac=0.0, finetune_frac=1.0)  # β is final at step 0
+    sparsifier = Sparsifier(model, config, total_steps=10)
+    betas = {sparsifier.tensors[g.members[0]].name: g.correction.beta for g in sparsifier.groups}
+    assert betas["conv1.weight"] == pytest.approx(2.0)  # (64, 3, 7, 7): unstructured fallback
+    assert betas["layer1.0.conv1.weight"] == pytest.approx(8.0)  # 2 * sqrt(16)
