@@ -16,6 +16,39 @@ def build() -> nn.Module:
                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
 
 
+class Branchy(nn.Module):
+    """A layer only some ranks use (as with layer drop): their sparsifier groups are pending on some ranks only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(12, 12)
+        self.extra = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x, use_extra: bool):
+        x = torch.relu(self.body(x.flatten(1)[:, :12]))
+        return self.head(self.extra(x) if use_extra else x)
+
+
+def run_with_skipped_layer(rank: int, world: int, steps: int) -> dict:
+    """Uniform allocation (a group per layer); rank 1 never uses ``extra``. Must neither hang nor diverge."""
+    model = Branchy()
+    config = SparsityConfig(method="spartan", target=0.5, allocation="uniform", accounting="masked",
+                            warmup_frac=0.0, finetune_frac=0.0)
+    sparsifier = Sparsifier(model, config, total_steps=steps + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    for step in range(steps):
+        x, y = batch(step)
+        nn.functional.cross_entropy(trained(x[rank::world], use_extra=rank == 0), y[rank::world]).backward()
+        sparsifier.finish_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+    return {"masks": [m.keep.clone() for m in sparsifier.masks]}
+
+
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(step)
     return torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
@@ -48,6 +81,7 @@ if __name__ == "__main__":
     rank, world, out = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
     dist.init_process_group("gloo")
     torch.save(run(rank, world, steps=3), f"{out}/rank{rank}.pt")
+    torch.save(run_with_skipped_layer(rank, world, steps=3), f"{out}/skip_rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
