@@ -75,14 +75,15 @@ def check_finalized(model, build, sparsifier, config):
     assert totals["sparsity_all"] == pytest.approx(zeros / params, abs=1e-12)
 
 
+@pytest.mark.parametrize("accounting", ["all", "masked"])
 @pytest.mark.parametrize("method", ["spartan", "topkast", "magnitude"])
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_architectures_finalize_to_plain_models_at_exact_sparsity(arch, method):
+def test_architectures_finalize_to_plain_models_at_exact_sparsity(arch, method, accounting):
     build, input_shape = ARCHS[arch]
     torch.manual_seed(0)
     model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    config = SparsityConfig(method=method, target=0.9, warmup_frac=0.25, finetune_frac=0.25)
+    config = SparsityConfig(method=method, target=0.9, accounting=accounting, warmup_frac=0.25, finetune_frac=0.25)
     sparsifier = Sparsifier(model, config, total_steps=4, optimizer=optimizer)
     train(model, sparsifier, optimizer, 4, input_shape=input_shape, batch=2)
     check_finalized(sparsifier.finalize(), build, sparsifier, config)
