@@ -104,7 +104,7 @@ class Sparsifier:
         self.layer_costs = [f * t.weight.numel() for f, t in zip(self.factors, self.tensors)]
         self.unmasked_cost = self._unmasked_cost()
         if config.method != "dense":  # an unreachable target must fail now, not when the warm-up ends
-            masked_density(self.schedule.density_final, sum(self.layer_costs), self.unmasked_cost, config.accounting)
+            self._masked_densities(self.schedule.density_final)
         self.step_count = 0
         self.frozen = False
         self.finalized = False
@@ -174,6 +174,12 @@ class Sparsifier:
             return 1.0
         return self.schedule.density(self.step_count if step is None else step)
 
+    def _masked_densities(self, density: float) -> tuple[float, list[float] | None]:
+        """For an overall target ``density``: the masked layers' density and, unless global, each layer's."""
+        masked = masked_density(density, sum(self.layer_costs), self.unmasked_cost, self.config.accounting)
+        shapes = [t.shape for t in self.tensors]
+        return masked, layer_densities(shapes, self.layer_costs, masked, self.config.allocation)
+
     def finish_backward(self) -> None:
         """Apply Spartan's global gradient term; call after ``backward()``, before unscaling/clipping/stepping.
 
@@ -215,10 +221,7 @@ class Sparsifier:
         telemetry = {"step": step, "density_target": self.target_density(step), "frozen": self.frozen}
         if self.frozen or self.config.method == "dense":
             return telemetry
-        density = masked_density(self.target_density(step), sum(self.layer_costs), self.unmasked_cost,
-                                 self.config.accounting)
-        per_layer = layer_densities([t.shape for t in self.tensors], self.layer_costs, density,
-                                    self.config.allocation)
+        density, per_layer = self._masked_densities(self.target_density(step))
         for group in self.groups:
             layer_density = density if per_layer is None else per_layer[group.members[0]]
             # A one-layer group uses its own block (unstructured after a block fallback); a global one the config's.
@@ -336,9 +339,7 @@ class Sparsifier:
         flops = flops_per_weight(self.model, self.tensors, input_shape) if input_shape else None
         layers = []
         masked_kept = masked_total = 0
-        target = masked_density(self.target_density(), sum(self.layer_costs), self.unmasked_cost,
-                                self.config.accounting)
-        per_layer = layer_densities([t.shape for t in self.tensors], self.layer_costs, target, self.config.allocation)
+        target, per_layer = self._masked_densities(self.target_density())
         for i, (tensor, mask) in enumerate(zip(self.tensors, self.masks)):
             kept = self._kept_weights(tensor, mask)
             numel = tensor.weight.numel()

@@ -261,7 +261,7 @@ class SoftTopK(torch.autograd.Function):
                 lam_init: float | None, tol: float, max_iter: int) -> Tensor:
         solution = solve_soft_topk(values, budget, beta, costs, lam_init=lam_init, tol=tol, max_iter=max_iter)
         ctx.save_for_backward(solution.mask, costs)
-        ctx.beta = float(beta)
+        ctx.beta, ctx.slope_total = float(beta), solution.slope_total
         ctx.values_dtype = values.dtype
         return solution.mask
 
@@ -271,11 +271,9 @@ class SoftTopK(torch.autograd.Function):
         mask, costs = ctx.saved_tensors
         s = mask * (1 - mask)
         g = grad.to(mask.dtype)
-        weighted = s if costs is None else s * costs.to(mask.dtype)
-        total_slope = float(weighted.double().sum())
-        if total_slope == 0.0:  # a saturated (hard) mask: no direction changes it to first order
+        if ctx.slope_total == 0.0:  # a saturated (or trivial) mask: no direction changes it to first order
             return torch.zeros_like(grad, dtype=ctx.values_dtype), None, None, None, None, None, None
-        shift = float((g * s).double().sum()) / total_slope
+        shift = float((g * s).double().sum()) / ctx.slope_total
         per_cost = g if costs is None else g / costs.to(mask.dtype)
         grad_values = ctx.beta * s * (per_cost - shift)
         return grad_values.to(ctx.values_dtype), None, None, None, None, None, None
