@@ -27,8 +27,11 @@ class SmallCNN(nn.Module):
         return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
 
 
-def train(model, sparsifier, optimizer, steps, seed=0, input_shape=(3, 8, 8), classes=10, batch=4):
+def train(model, sparsifier, optimizer, steps, seed=0, input_shape=(3, 8, 8), classes=10, batch=4, skip=0):
+    """``steps`` training steps on random batches; ``skip`` batches of the stream are passed over first."""
     gen = torch.Generator().manual_seed(seed)
+    for _ in range(skip):
+        torch.randn(batch, *input_shape, generator=gen), torch.randint(0, classes, (batch,), generator=gen)
     telemetry = []
     for _ in range(steps):
         x = torch.randn(batch, *input_shape, generator=gen)
@@ -254,17 +257,7 @@ def run_steps(steps, resume_at=None, method="spartan"):
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     sparsifier.load_state_dict(checkpoint["sparsifier"])
-    tail = []
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(resume_at):  # replay the data stream to where it stopped
-        torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
-    for _ in range(steps - resume_at):
-        x, y = torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
-        nn.functional.cross_entropy(model(x), y).backward()
-        sparsifier.finish_backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        tail.append(sparsifier.step())
+    tail = train(model, sparsifier, optimizer, steps - resume_at, skip=resume_at)  # the data stream goes on
     return model, head + tail
 
 
