@@ -1,7 +1,7 @@
 """Spartan: sparse training by soft top-k masking via regularized optimal transport."""
 
 from spartan.config import SparsityConfig
-from spartan.sparsifier import Sparsifier
+from spartan.sparsifier import Sparsifier, measure_sparsity
 from spartan.topk import (
     HardThreshold,
     SoftTopKSolution,
@@ -18,6 +18,7 @@ __all__ = [
     "SoftTopKSolution",
     "hard_threshold",
     "hard_topk",
+    "measure_sparsity",
     "soft_topk",
     "solve_soft_topk",
 ]

@@ -335,31 +335,20 @@ class Sparsifier:
 
         Densities are fractions of weights kept (nonzero in the effective weight).
         """
-        input_shape = input_shape or self.config.input_shape
-        flops = flops_per_weight(self.model, self.tensors, input_shape) if input_shape else None
-        layers = []
-        masked_kept = masked_total = 0
         target, per_layer = self._masked_densities(self.target_density())
-        for i, (tensor, mask) in enumerate(zip(self.tensors, self.masks)):
-            kept = self._kept_weights(tensor, mask)
-            numel = tensor.weight.numel()
-            masked_kept, masked_total = masked_kept + kept, masked_total + numel
-            row = {"name": tensor.name, "shape": tuple(tensor.shape), "block": tensor.block,
-                   "density_target": target if per_layer is None else per_layer[i],
-                   "density": kept / numel, "params": numel, "params_kept": kept}
-            if flops is not None:
-                row["flops_dense"], row["flops_sparse"] = flops[i] * numel, flops[i] * kept
-            layers.append(row)
-        all_params = sum(p.numel() for p in self.model.parameters())
-        totals = {"sparsity_target": 1 - self.target_density(), "accounting": self.config.accounting,
-                  "sparsity_masked": 1 - masked_kept / masked_total,
-                  "sparsity_all": 1 - (all_params - masked_total + masked_kept) / all_params,
-                  "params": all_params, "params_masked": masked_total, "params_kept": masked_kept}
-        if flops is not None:
-            dense = sum(r["flops_dense"] for r in layers)
-            totals.update(flops_dense=dense, flops_sparse=sum(r["flops_sparse"] for r in layers))
-            totals["flops_reduction"] = dense / max(totals["flops_sparse"], 1)
-        return {"layers": layers, "totals": totals}
+        report = _density_report(self.model, self.tensors, [self._kept_weights(t, m) for t, m in
+                                                             zip(self.tensors, self.masks)],
+                                 input_shape or self.config.input_shape)
+        for i, row in enumerate(report["layers"]):
+            row["density_target"] = target if per_layer is None else per_layer[i]
+        report["totals"].update(sparsity_target=1 - self.target_density(), accounting=self.config.accounting)
+        return report
+
+    def sparsity(self) -> dict[str, float]:
+        """Actual sparsity now (fractions of zeros): over all parameters and over masked weights (cheap)."""
+        totals = _density_report(self.model, self.tensors, [self._kept_weights(t, m) for t, m in
+                                                            zip(self.tensors, self.masks)], None)["totals"]
+        return {"sparsity_all": totals["sparsity_all"], "sparsity_masked": totals["sparsity_masked"]}
 
     def _kept_weights(self, tensor: MaskedTensor, mask: _Mask) -> int:
         if self.finalized or mask.keep is None:
@@ -407,6 +396,42 @@ class Sparsifier:
         for group, saved in zip(self.groups, state["groups"]):
             group.hard.copy_(saved["hard"])  # so the next flip rate is measured against the same mask
         self._update()  # before the freeze step, so this only rebuilds the current masks
+
+
+def measure_sparsity(model: nn.Module, config: SparsityConfig,
+                     input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The :meth:`Sparsifier.report` of a plain model (e.g. a finalized one, loaded from disk): zeros counted in
+    the weights ``config`` selects (its ``include``/``exclude``/``block``), FLOPs when ``input_shape`` is given.
+    """
+    tensors = find_masked_tensors(model, include=config.include, exclude=config.exclude, block=config.block,
+                                  block_fallback=config.block_fallback)
+    report = _density_report(model, tensors, [int(torch.count_nonzero(t.weight)) for t in tensors],
+                             input_shape or config.input_shape)
+    report["totals"]["accounting"] = config.accounting
+    return report
+
+
+def _density_report(model: nn.Module, tensors: list[MaskedTensor], kept: list[int],
+                    input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+    flops = flops_per_weight(model, tensors, input_shape) if input_shape else None
+    layers = []
+    for i, tensor in enumerate(tensors):
+        numel = tensor.weight.numel()
+        row = {"name": tensor.name, "shape": tuple(tensor.shape), "block": tensor.block, "density": kept[i] / numel,
+               "params": numel, "params_kept": kept[i]}
+        if flops is not None:
+            row["flops_dense"], row["flops_sparse"] = flops[i] * numel, flops[i] * kept[i]
+        layers.append(row)
+    masked_total, masked_kept = sum(r["params"] for r in layers), sum(kept)
+    all_params = sum(p.numel() for p in model.parameters())
+    totals = {"sparsity_masked": 1 - masked_kept / masked_total if masked_total else 0.0,
+              "sparsity_all": 1 - (all_params - masked_total + masked_kept) / all_params,
+              "params": all_params, "params_masked": masked_total, "params_kept": masked_kept}
+    if flops is not None:
+        dense = sum(r["flops_dense"] for r in layers)
+        totals.update(flops_dense=dense, flops_sparse=sum(r["flops_sparse"] for r in layers))
+        totals["flops_reduction"] = dense / max(totals["flops_sparse"], 1)
+    return {"layers": layers, "totals": totals}
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

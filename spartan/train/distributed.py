@@ -1,0 +1,82 @@
+"""Process groups under torchrun (NCCL for CUDA tensors, gloo for CPU ones) and the helpers the loop needs."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_process_group() -> Process:
+    """Join torchrun's group (once); a plain ``python train.py`` is process 0 of 1.
+
+    The group serves CPU tensors with gloo and, where CUDA exists, CUDA tensors with NCCL, so it can be
+    created before the config says which device trains (the run directory must be agreed on first).
+    """
+    if not launched_by_torchrun():
+        return Process(0, 1, 0)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return Process(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def current_process() -> Process:
+    if dist.is_available() and dist.is_initialized():
+        return Process(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Process(0, 1, 0)
+
+
+def shared_timestamp() -> str:
+    """Rank 0's ``YYYY-MM-DD/HH-MM-SS``, the same string on every process."""
+    stamp = [time.strftime("%Y-%m-%d/%H-%M-%S")]
+    if dist.is_initialized():
+        dist.broadcast_object_list(stamp, src=0)
+    return stamp[0]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over processes (float64); identity on one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    packed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    return packed.tolist()
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every process (e.g. whether a checkpoint exists)."""
+    box = [flag]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

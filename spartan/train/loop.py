@@ -1,0 +1,394 @@
+"""The training run, top to bottom: check and build everything, train, validate, checkpoint, finalize.
+
+Nothing is written to the run directory until every input has been checked and every object built (a bad
+value or an incompatible checkpoint fails before the first step and leaves an existing run untouched).
+Ordering that matters: model placed → optimizer → Sparsifier → resume → compile → DDP; each step is
+forward → backward → ``sparsifier.finish_backward()`` → unscale/clip → optimizer step → ``sparsifier.step()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from spartan import Sparsifier, SparsityConfig
+from spartan.train.checkpoint import (FORMAT, LAST, atomic_save, environment, git_version, load_checkpoint,
+                                      resolve_resume, rng_state, set_rng_state)
+from spartan.train.config import ConfigError, TrainConfig
+from spartan.train.data import Loaders, build_loaders
+from spartan.train.distributed import Process, all_reduce_sum, current_process
+from spartan.train.models import build_model
+from spartan.train.optim import build_lr_schedule, build_optimizer, peak_lr
+from spartan.train.tracking import MetricLogger
+
+log = logging.getLogger("spartan.train")
+
+# Config sections a resumed run must share with its checkpoint (the rest — logging, devices, workers — may change).
+RESUME_MUST_MATCH = ("model", "sparsity", "schedule")
+
+
+def resolve_device(name: str, process: Process) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={name} but CUDA is not available here (use trainer.device=cpu or auto)")
+        if name == "cuda":
+            return torch.device("cuda", process.local_rank)
+    return torch.device(name)
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: ``auto`` is bf16 on CUDA and full precision on CPU."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if mode == "fp16" and device.type != "cuda":
+        raise ConfigError(f"trainer.amp=fp16 needs a CUDA device, trainer.device resolves to {device}")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def build_sparsifier(model: nn.Module, config: SparsityConfig, total_steps: int,
+                     optimizer: torch.optim.Optimizer) -> Sparsifier:
+    try:
+        return Sparsifier(model, config, total_steps, optimizer=optimizer)
+    except ValueError as err:  # e.g. a block that does not divide a layer; name the config group
+        message = str(err)
+        raise ConfigError(message if message.startswith("sparsity.") else f"sparsity: {message}") from None
+
+
+@dataclasses.dataclass
+class Progress:
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    train_seconds: float = 0.0
+    images: int = 0  # training images processed, all processes together
+
+
+class Run:
+    """One training run: holds the built objects; :meth:`fit` trains, :meth:`finish` finalizes and reports."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None,
+                 run_config: dict[str, Any] | None = None):
+        self.start_time = time.perf_counter()
+        self.config, self.run_dir = config, Path(run_dir)
+        self.process = current_process()
+        trainer = config.trainer
+        # ---- checks and construction; nothing is written before this block completes
+        self.device = resolve_device(trainer.device, self.process)
+        self.amp_dtype = resolve_amp(trainer.amp, self.device)
+        resume_path = resolve_resume(config.resume, self.run_dir)
+        if trainer.threads:
+            torch.set_num_threads(trainer.threads)
+        torch.manual_seed(config.seed)
+        self.loaders: Loaders = build_loaders(config.data, rank=self.process.rank, world=self.process.world,
+                                              seed=config.seed, device=self.device)
+        info = self.loaders.info
+        model = build_model(config.model, info.num_classes, info.input_shape[0]).to(self.device)
+        self.memory_format = torch.channels_last if trainer.channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
+        self.steps_per_epoch = len(self.loaders.train) // trainer.accumulate
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"trainer.accumulate={trainer.accumulate} exceeds the {len(self.loaders.train)} batches "
+                              f"of an epoch")
+        self.total_steps = self.steps_per_epoch * config.schedule.epochs
+        self.global_batch = config.data.batch_size * self.process.world * trainer.accumulate
+        self.optimizer = build_optimizer(self.model, config.optim, peak_lr(config.optim, self.global_batch))
+        self.sparsifier = build_sparsifier(self.model, config.sparsity, self.total_steps, self.optimizer)
+        self.lr_schedule = build_lr_schedule(self.optimizer, config.schedule, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
+        self.progress = Progress()
+        self.val_metrics: dict[str, float] = {}
+        if resume_path is not None:
+            self._restore(resume_path)
+        # ---- from here on the run directory is written (main process only)
+        self.is_main = self.process.is_main
+        self.run_config = run_config if run_config is not None else dataclasses.asdict(config)
+        if self.is_main:
+            for name, text in (files or {}).items():
+                (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / name).write_text(text)
+        self.metrics = MetricLogger(self.run_dir, config.logger, run_name=config.name, run_config=self.run_config,
+                                    enabled=self.is_main)
+        self.runner = self._wrap(self.model)
+        if resume_path is not None:
+            log.info(f"resumed from {resume_path} at epoch {self.progress.epoch}, step {self.progress.step}")
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """Compile, then DDP: mask updates (``sparsifier.step()``) stay outside the compiled region."""
+        runner = torch.compile(model) if self.config.trainer.compile else model
+        self.compiled = runner
+        if self.process.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids)
+        return runner
+
+    def _checkpoint(self) -> dict[str, Any]:
+        return {"format": FORMAT, "epoch": self.progress.epoch, "step": self.progress.step,
+                "progress": dataclasses.asdict(self.progress), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "sparsifier": self.sparsifier.state_dict(), "rng": rng_state(),
+                "train_config": _plain(dataclasses.asdict(self.config)), "config": _plain(self.run_config),
+                "steps_per_epoch": self.steps_per_epoch, "val": self.val_metrics, "git": git_version(),
+                "env": environment(self.process.world)}
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        saved, mine = state["train_config"], _plain(dataclasses.asdict(self.config))
+        for section in RESUME_MUST_MATCH:
+            if saved[section] != mine[section]:
+                key = _first_difference(saved[section], mine[section], section)
+                raise ConfigError(f"resume: {path} was trained with {key[0]}={key[1]!r}, this run has "
+                                  f"{key[0]}={key[2]!r} (resume with the same value, or start a new run)")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ConfigError(f"resume: {path} has {state['steps_per_epoch']} steps per epoch, this run "
+                              f"{self.steps_per_epoch} (keep data.batch_size × processes × trainer.accumulate)")
+        self.model.load_state_dict(state["model"])
+        self.sparsifier.load_state_dict(state["sparsifier"])  # after the weights: masks are rebuilt from them
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        self.val_metrics = state["val"]
+        set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def fit(self) -> None:
+        epochs = self.config.schedule.epochs
+        trainer = self.config.trainer
+        for epoch in range(self.progress.epoch, epochs):
+            self.train_epoch(epoch)
+            self.progress.epoch = epoch + 1
+            last = epoch + 1 == epochs
+            if (epoch + 1) % trainer.eval_every == 0 and not last:  # the last epoch is validated after finalize()
+                self.validate(epoch + 1, "val")
+            if (epoch + 1) % trainer.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+
+    def train_epoch(self, epoch: int) -> None:
+        trainer = self.config.trainer
+        self.loaders.set_epoch(epoch)
+        self.runner.train()
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.schedule.epochs}",
+                   disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
+        window = {"loss": torch.zeros((), device=self.device), "correct": torch.zeros((), device=self.device),
+                  "samples": 0, "steps": 0, "start": time.perf_counter()}
+        epoch_start, epoch_images = time.perf_counter(), 0
+        batches = iter(self.loaders.train)
+        for _ in range(self.steps_per_epoch):
+            for micro in range(trainer.accumulate):
+                images, targets = next(batches)
+                images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                targets = targets.to(self.device, non_blocking=True)
+                sync = micro == trainer.accumulate - 1 or not isinstance(self.runner, nn.parallel.DistributedDataParallel)
+                with contextlib.nullcontext() if sync else self.runner.no_sync(), self._autocast():
+                    logits = self.runner(images)
+                    loss = self.criterion(logits, targets)
+                self.scaler.scale(loss / trainer.accumulate).backward()
+                window["loss"] += loss.detach().float() * len(targets)
+                window["correct"] += (logits.detach().argmax(1) == targets).sum()
+                window["samples"] += len(targets)
+            self.sparsifier.finish_backward()
+            if trainer.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), trainer.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.lr_schedule.step()
+            telemetry = self.sparsifier.step()
+            self.progress.step += 1
+            window["steps"] += 1
+            epoch_images += self.global_batch
+            bar.update(1)
+            if self.progress.step % trainer.log_every == 0 or window["steps"] == self.steps_per_epoch:
+                self._log_train(epoch, window, telemetry, bar)
+        bar.close()
+        seconds = time.perf_counter() - epoch_start
+        self.progress.train_seconds += seconds
+        self.progress.images += epoch_images
+        if self.is_main:
+            log.info(f"epoch {epoch + 1}/{self.config.schedule.epochs}: {seconds:.1f} s, "
+                     f"{epoch_images / seconds:,.0f} img/s, loss {self.last_train['loss']:.4f}, "
+                     f"train top-1 {100 * self.last_train['top1']:.2f}%, "
+                     f"sparsity {100 * self.last_train['sparsity_all']:.2f}% "
+                     f"(target now {100 * self.last_train['sparsity_target']:.2f}%)")
+
+    def _log_train(self, epoch: int, window: dict, telemetry: dict, bar: tqdm) -> None:
+        loss_sum, correct, samples = all_reduce_sum(
+            [float(window["loss"]), float(window["correct"]), window["samples"]], self.device)
+        seconds = time.perf_counter() - window["start"]
+        record = {"kind": "train", "epoch": epoch + 1, "loss": loss_sum / samples, "top1": correct / samples,
+                  "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": samples / seconds,
+                  "sparsity_target": 1 - telemetry["density_target"], **self.sparsifier.sparsity(),
+                  **{k: telemetry[k] for k in ("beta", "flip_rate", "solver_iterations", "lam") if k in telemetry},
+                  "frozen": telemetry["frozen"]}
+        self.last_train = record
+        self.metrics.log(record, step=self.progress.step)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{100 * record['top1']:.1f}%",
+                        img_s=f"{record['img_per_s']:,.0f}", sparsity=f"{100 * record['sparsity_all']:.1f}%")
+        window.update(loss=torch.zeros((), device=self.device), correct=torch.zeros((), device=self.device),
+                      samples=0, start=time.perf_counter())
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return evaluate(model, self.loaders.val, self.device, self.amp_dtype, self.memory_format)
+
+    def validate(self, epoch: int, kind: str) -> dict[str, float]:
+        _sync_buffers(self.model)  # BatchNorm statistics drift apart per rank; evaluate rank 0's
+        self.val_metrics = self.evaluate(self.compiled if kind == "val" else self.model)
+        report = self.sparsifier.report(self.loaders.info.input_shape)
+        self.metrics.log({"kind": kind, "epoch": epoch, **self.val_metrics,
+                          "sparsity_all": report["totals"]["sparsity_all"],
+                          "sparsity_masked": report["totals"]["sparsity_masked"]}, step=self.progress.step)
+        self.metrics.log_layers([{k: v for k, v in row.items() if k != "block"} for row in report["layers"]],
+                                step=self.progress.step, epoch=epoch)
+        if self.is_main:
+            log.info(f"epoch {epoch} {kind}: top-1 {100 * self.val_metrics['top1']:.2f}%, top-5 "
+                     f"{100 * self.val_metrics['top5']:.2f}%, loss {self.val_metrics['loss']:.4f}")
+        return self.val_metrics
+
+    def save_checkpoint(self) -> None:
+        _sync_buffers(self.model)
+        if self.is_main:
+            atomic_save(self._checkpoint(), self.run_dir / LAST)
+
+    # ------------------------------------------------------------------------------------------ the end
+
+    def finish(self) -> dict[str, Any]:
+        """Bake the masks in, validate the plain sparse model, write ``model_final.pt`` and ``summary.json``."""
+        model = self.sparsifier.finalize()
+        _sync_buffers(model)
+        final = self.validate(self.config.schedule.epochs, "final")
+        totals = self.sparsifier.report(self.loaders.info.input_shape)["totals"]
+        summary = {"val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"],
+                   "sparsity_target": self.config.sparsity.target if self.config.sparsity.method != "dense" else 0.0,
+                   "sparsity_all": totals["sparsity_all"], "sparsity_masked": totals["sparsity_masked"],
+                   "accounting": self.config.sparsity.accounting, "params": totals["params"],
+                   "params_kept": totals["params"] - (totals["params_masked"] - totals["params_kept"]),
+                   "flops_dense": totals["flops_dense"], "flops_sparse": totals["flops_sparse"],
+                   "flops_reduction": totals["flops_reduction"], "epochs": self.config.schedule.epochs,
+                   "steps": self.progress.step, "train_seconds": self.progress.train_seconds,
+                   "wall_seconds": time.perf_counter() - self.start_time,
+                   "images_per_second": self.progress.images / max(self.progress.train_seconds, 1e-9),
+                   "processes": self.process.world, "seed": self.config.seed, "git": git_version(),
+                   "model_final": str(self.run_dir / "model_final.pt"),
+                   "metrics": str(self.run_dir / "metrics.jsonl")}
+        if self.is_main:
+            atomic_save(model.state_dict(), self.run_dir / "model_final.pt")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.metrics.summary(summary)
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+    """Top-1, top-5 (fractions) and mean cross-entropy over ``loader``, summed over all processes."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += float((top[:, 0] == targets).sum())
+        correct5 += float((top == targets[:, None]).any(1).sum())
+        count += len(targets)
+    model.train(was_training)
+    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "images": int(count)}
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists, so configs compare equal after a save/load round trip."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
+    return path, a, b
+
+
+def format_summary(summary: dict[str, Any], run_dir: Path, wandb_note: str | None = None) -> str:
+    """The table printed at the end of a run."""
+    rows = [("val top-1", f"{100 * summary['val_top1']:.2f}%   (top-5 {100 * summary['val_top5']:.2f}%)"),
+            ("sparsity", f"{100 * summary['sparsity_all']:.2f}% of all parameters, "
+                         f"{100 * summary['sparsity_masked']:.2f}% of masked weights "
+                         f"(target {100 * summary['sparsity_target']:.2f}%, counted over "
+                         f"{'all parameters' if summary['accounting'] == 'all' else 'masked weights'})"),
+            ("FLOPs", f"{_si(summary['flops_dense'])} → {_si(summary['flops_sparse'])} multiply-adds per image in "
+                      f"masked layers ({summary['flops_reduction']:.1f}× fewer)"),
+            ("time", f"{summary['wall_seconds']:.0f} s, {summary['images_per_second']:,.0f} training img/s, "
+                     f"{summary['steps']} steps on {summary['processes']} process(es)"),
+            ("model", summary["model_final"]),
+            ("logs", f"{summary['metrics']}, {run_dir / 'summary.json'}")]
+    if wandb_note:
+        rows.append(("W&B", wandb_note))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["", "spartan run summary", "-" * 19, *(f"{k:<{width}}  {v}" for k, v in rows)])
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def train(config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None,
+          run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; return the summary (also in ``summary.json``)."""
+    run = Run(config, run_dir, files=files, run_config=run_config)
+    try:
+        run.fit()
+        summary = run.finish()
+    finally:
+        run.close()
+    if run.is_main:
+        log.info(format_summary(summary, Path(run_dir), run.metrics.wandb_note))
+    return summary
+
+
