@@ -1,11 +1,14 @@
 PY := .venv/bin/python
 
-.PHONY: test test-slow bench setup
+.PHONY: train test test-slow bench setup
 
 setup: .venv/.installed
 
 .venv/.installed: requirements.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh
+
+train: .venv/.installed  ## the out-of-the-box run; pass overrides with ARGS='key=value ...'
+	$(PY) train.py $(ARGS)
 
 test: .venv/.installed
 	$(PY) -m pytest -q

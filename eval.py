@@ -31,7 +31,7 @@ def run_config(run_dir: Path, config: EvalConfig) -> TrainConfig:
     return cli.to_dataclass(merged, OmegaConf.to_object)
 
 
-@hydra.main(config_path="configs", config_name="eval", version_base="1.3")
+@hydra.main(config_path=str(Path(__file__).resolve().parent / "configs"), config_name="eval", version_base="1.3")
 @cli.report_errors
 def main(cfg: DictConfig) -> float:
     config = cli.to_dataclass(cfg, OmegaConf.to_object)

@@ -4,6 +4,7 @@ See README.md for the ImageNet, torchrun and sweep commands; configs/ holds ever
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -17,16 +18,16 @@ from spartan.train.loop import train
 register(ConfigStore.instance())
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(Path(__file__).resolve().parent / "configs"), config_name="train", version_base="1.3")
 @cli.report_errors
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     config = cli.to_dataclass(cfg, OmegaConf.to_object)
     hydra_config = HydraConfig.get()
     files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
              ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra_config.overrides.task))}
     summary = train(config, hydra_config.runtime.output_dir, files=files,
                     run_config=OmegaConf.to_container(cfg, resolve=True))
-    return summary["val_top1"]  # the value a sweeper optimizes
+    return summary["val_top1"] if summary else None  # the value a sweeper optimizes
 
 
 if __name__ == "__main__":

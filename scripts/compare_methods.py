@@ -17,35 +17,17 @@ import time
 from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from spartan import Sparsifier, SparsityConfig
-
-
-def digits(device: torch.device) -> tuple[torch.Tensor, ...]:
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target)
-    train_idx, val_idx = train_test_split(range(len(labels)), test_size=0.25, random_state=0, stratify=labels)
-    mean, std = images[train_idx].mean(), images[train_idx].std()
-    images = (images - mean) / std
-    return tuple(t.to(device) for t in (images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]))
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(128, 10))
+from spartan.train.data import digits_split
+from spartan.train.models import digits_cnn
 
 
 def run(method: str, sparsity: float, seed: int, args, data) -> dict:
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
-    model = small_cnn().to(x_train.device)
+    model = digits_cnn().to(x_train.device)
     steps_per_epoch = len(x_train) // args.batch_size
     total = steps_per_epoch * args.epochs
     decay, no_decay = [], []
@@ -116,7 +98,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/results_digits")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    data = digits(torch.device("cpu"))
+    data = digits_split()
     jobs = [] if args.no_dense else [("dense", 0.0, 10.0)]
     jobs += [(m, s, b) for s in args.sparsities for m in args.methods for b in args.beta_final]
     results = []

@@ -1,4 +1,4 @@
-"""The README's code examples run as written."""
+"""The README's ```python examples run as written (```py marks snippets that need a finished run)."""
 
 import re
 from pathlib import Path

@@ -113,8 +113,8 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _positive_int("schedule.epochs", self.epochs)
         _finite("schedule.warmup_epochs", self.warmup_epochs, 0.0)
-        if self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"schedule.warmup_epochs must be < schedule.epochs = {self.epochs}, "
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"schedule.warmup_epochs must be <= schedule.epochs = {self.epochs}, "
                               f"got {self.warmup_epochs!r}")
         _choice("schedule.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not 0 <= self.min_lr_ratio <= 1:
@@ -166,6 +166,7 @@ class TrainerConfig:
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always writes one)
     log_every: int = 10  # optimizer steps between logged training metrics
+    stop_after_epochs: int | None = None  # end this job after N epochs (checkpointed); continue with resume=auto
     threads: int | None = None  # CPU threads for torch (default: torch's choice)
 
     def __post_init__(self) -> None:
@@ -176,8 +177,9 @@ class TrainerConfig:
             _finite("trainer.grad_clip", self.grad_clip, 0.0, low_inclusive=False)
         for key in ("accumulate", "eval_every", "checkpoint_every", "log_every"):
             _positive_int(f"trainer.{key}", getattr(self, key))
-        if self.threads is not None:
-            _positive_int("trainer.threads", self.threads)
+        for key in ("threads", "stop_after_epochs"):
+            if getattr(self, key) is not None:
+                _positive_int(f"trainer.{key}", getattr(self, key))
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"trainer.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 

@@ -113,19 +113,24 @@ def _datasets(config: DataConfig, train: bool) -> tuple[Dataset | None, Dataset,
     return _image_folders(config, train)
 
 
-def _digits(config: DataConfig) -> tuple[Dataset, Dataset, int]:
-    """scikit-learn's 1,797 8×8 digits: a fixed stratified split, standardised by the training mean/std."""
+def digits_split(val_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8×8 digits as ``(x_train, y_train, x_val, y_val)``: a fixed stratified split,
+    images standardised by the training mean/std, shape (N, 1, 8, 8)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target)
-    train_idx, val_idx = train_test_split(range(len(labels)), test_size=config.val_fraction, random_state=0,
-                                          stratify=labels)
+    train_idx, val_idx = train_test_split(range(len(labels)), test_size=val_fraction, random_state=0, stratify=labels)
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
-    return (TensorDataset(images[train_idx], labels[train_idx]), TensorDataset(images[val_idx], labels[val_idx]), 10)
+    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+
+
+def _digits(config: DataConfig) -> tuple[Dataset, Dataset, int]:
+    x_train, y_train, x_val, y_val = digits_split(config.val_fraction)
+    return TensorDataset(x_train, y_train), TensorDataset(x_val, y_val), 10
 
 
 class SyntheticImages(Dataset):

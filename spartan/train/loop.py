@@ -116,6 +116,7 @@ class Run:
         self.is_main = self.process.is_main
         self.run_config = run_config if run_config is not None else dataclasses.asdict(config)
         if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             for name, text in (files or {}).items():
                 (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / name).write_text(text)
@@ -167,17 +168,26 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def fit(self) -> None:
+    def fit(self) -> bool:
+        """Train the remaining epochs; False if ``trainer.stop_after_epochs`` ended this job early."""
         epochs = self.config.schedule.epochs
         trainer = self.config.trainer
-        for epoch in range(self.progress.epoch, epochs):
+        first = self.progress.epoch
+        for epoch in range(first, epochs):
             self.train_epoch(epoch)
             self.progress.epoch = epoch + 1
             last = epoch + 1 == epochs
             if (epoch + 1) % trainer.eval_every == 0 and not last:  # the last epoch is validated after finalize()
                 self.validate(epoch + 1, "val")
-            if (epoch + 1) % trainer.checkpoint_every == 0 or last:
+            stop = trainer.stop_after_epochs is not None and epoch + 1 - first >= trainer.stop_after_epochs
+            if (epoch + 1) % trainer.checkpoint_every == 0 or last or stop:
                 self.save_checkpoint()
+            if stop and not last:
+                if self.is_main:
+                    log.info(f"stopped after epoch {epoch + 1} (trainer.stop_after_epochs={trainer.stop_after_epochs}); "
+                             f"continue with: python train.py <same overrides> hydra.run.dir={self.run_dir} resume=auto")
+                return False
+        return True
 
     def train_epoch(self, epoch: int) -> None:
         trainer = self.config.trainer
@@ -379,11 +389,12 @@ def _si(value: float) -> str:
 
 
 def train(config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None,
-          run_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train ``config`` into ``run_dir``; return the summary (also in ``summary.json``)."""
+          run_config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Train ``config`` into ``run_dir``; return the summary (also in ``summary.json``), None if stopped early."""
     run = Run(config, run_dir, files=files, run_config=run_config)
     try:
-        run.fit()
+        if not run.fit():
+            return None
         summary = run.finish()
     finally:
         run.close()

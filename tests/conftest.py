@@ -1,0 +1,43 @@
+"""Shared helpers for the trainer tests: compose the real configs, run the real entry points."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from spartan.train import cli
+from spartan.train.config import TrainConfig, register
+
+ROOT = Path(__file__).resolve().parents[1]
+register(ConfigStore.instance())
+
+
+def compose_train(*overrides: str) -> TrainConfig:
+    """``configs/train.yaml`` composed with ``overrides`` and validated, as ``train.py`` does."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    return cli.to_dataclass(cfg, OmegaConf.to_object)
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    """The environment of a fresh user: no W&B key, no netrc, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_cli(script: str, *args: str, cwd: Path, home: Path | None = None, timeout: int = 300,
+            launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = [*launcher] if launcher else [sys.executable]
+    return subprocess.run([*command, str(ROOT / script), *args], cwd=cwd, env=clean_env(home or cwd),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny_digits() -> tuple[str, ...]:
+    """Overrides for a seconds-long digits run (the out-of-the-box config, shortened)."""
+    return ("logger=none", "schedule.epochs=2", "trainer.log_every=5")

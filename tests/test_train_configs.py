@@ -1,0 +1,104 @@
+"""Every shipped config composes, validates and builds its objects; overrides compose as users type them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_train
+from spartan.train.config import ConfigError
+from spartan.train.loop import Run
+from spartan.train.optim import lr_factor
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def test_the_issue_list_of_experiments_ships():
+    expected = {"digits_spartan", "resnet50_dense", "resnet50_spartan_s80", "resnet50_spartan_s90",
+                "resnet50_spartan_s95", "resnet50_topkast_s90", "resnet50_magnitude_s90", "resnet50_flops_s90",
+                "vitb16_dense", "vitb16_spartan_s90", "vitb16_block16_s90"}
+    assert expected <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_builds(experiment, tmp_path):
+    # ImageNet is not here: the experiment's model, sparsity, schedule and optimizer on synthetic images.
+    data = [] if experiment.startswith("digits") else ["data=synthetic", "data.train_size=512", "data.val_size=4"]
+    config = compose_train(f"experiment={experiment}", *data, "logger=none", "trainer.device=cpu")
+    run = Run(config, tmp_path)
+    assert config.name == experiment
+    method = experiment.split("_")[1]
+    expected_method = {"dense": "dense", "spartan": "spartan", "topkast": "topkast", "magnitude": "magnitude",
+                       "flops": "spartan", "block16": "spartan"}[method]
+    assert run.sparsifier.config.method == expected_method
+    if expected_method != "dense":
+        assert run.sparsifier.config.target == {"s80": 0.8, "s95": 0.95}.get(experiment.split("_")[-1], 0.9)
+    if experiment.startswith("resnet50"):
+        assert run.model.fc.out_features == 1000 and config.schedule.epochs == 100
+        assert run.optimizer.param_groups[0]["initial_lr"] == pytest.approx(1.0 * 512 / 4096)  # scaled to the batch
+        assert isinstance(run.optimizer, torch.optim.SGD) and run.optimizer.defaults["nesterov"]
+        assert config.trainer.amp == "bf16" and config.trainer.channels_last
+    if experiment.startswith("vitb16"):
+        assert isinstance(run.optimizer, torch.optim.AdamW) and config.trainer.grad_clip == 1.0
+        assert config.schedule.warmup_epochs == 10 and run.optimizer.param_groups[0]["weight_decay"] == 0.3
+    if experiment == "vitb16_block16_s90":
+        assert {t.block for t in run.sparsifier.tensors} == {(16, 16)}
+        assert all(t.name.startswith("blocks.") for t in run.sparsifier.tensors)
+    if experiment == "resnet50_flops_s90":
+        assert config.sparsity.cost == "flops" and config.sparsity.input_shape == (3, 224, 224)
+    # Norms and biases get no weight decay; every parameter is optimized exactly once.
+    decayed, exempt = (set(map(id, g["params"])) for g in run.optimizer.param_groups)
+    assert not decayed & exempt and len(decayed | exempt) == sum(1 for _ in run.model.parameters())
+    assert all(p.ndim > 1 for p in run.model.parameters() if id(p) in decayed)
+    run.close()
+
+
+def test_imagenet_experiments_need_a_data_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path must name a dataset folder for data=imagefolder"):
+        compose_train("experiment=resnet50_spartan_s95", "logger=none")
+    with pytest.raises(ConfigError, match=r"data\.path .* has no train/ folder"):
+        Run(compose_train("experiment=resnet50_spartan_s95", f"data.path={tmp_path}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_compose_as_users_type_them():
+    config = compose_train("sparsity=block", "sparsity.block=[32,32]", "sparsity.target=0.9")
+    assert config.sparsity.block == (32, 32) and config.sparsity.target == 0.9
+    # A group chosen on the command line beats the experiment's choice.
+    config = compose_train("experiment=resnet50_spartan_s95", "data=synthetic", "data.batch_size=8",
+                           "sparsity.method=topkast", "optim.lr=0.5", "seed=3", "trainer.device=cpu")
+    assert (config.data.name, config.data.batch_size, config.model.name) == ("synthetic", 8, "resnet50")
+    assert (config.sparsity.method, config.sparsity.target, config.optim.lr, config.seed) == ("topkast", 0.95, 0.5, 3)
+    config = compose_train("sparsity=cost_weighted")
+    assert config.sparsity.input_shape == (1, 8, 8)  # follows the data's shape
+
+
+def test_unknown_keys_and_options_are_hydra_errors():
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with pytest.raises(MissingConfigException):
+        compose_train("model=resnet1000")
+    with pytest.raises(ConfigCompositionException, match="foo"):
+        compose_train("optim.foo=1")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sparsity.target=1.0", "sparsity.target"), ("optim.lr=0", "optim.lr"), ("optim.lr=-1", "optim.lr"),
+    ("data.batch_size=0", "data.batch_size"), ("schedule.epochs=0", "schedule.epochs"),
+    ("schedule.warmup_epochs=40", "schedule.warmup_epochs"), ("trainer.accumulate=0", "trainer.accumulate"),
+    ("sparsity.method=prune", "sparsity.method"), ("trainer.amp=fp8", "trainer.amp"),
+    ("data=imagefolder", "data.path"), ("data=imagefolder data.path=", "data.path"), ("seed=-1", "seed"),
+])
+def test_invalid_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        compose_train(*override.split())
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    total, warmup = 100, 10
+    factors = [lr_factor(s, total, warmup, "cosine", 0.001) for s in range(total)]
+    assert factors[0] == pytest.approx(0.1) and factors[warmup - 1] == pytest.approx(1.0)
+    assert factors[warmup] == pytest.approx(1.0) and all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
+    assert lr_factor(total, total, warmup, "cosine", 0.001) == pytest.approx(0.001)
+    assert lr_factor(55, total, warmup, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(90, total, warmup, "constant", 0.0) == 1.0

@@ -1,0 +1,229 @@
+"""The trainer end to end on digits: the out-of-the-box run and eval, sweeps, torchrun, resume, bad input."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_train, run_cli
+from spartan.train.config import ConfigError
+from spartan.train.loop import train
+from spartan.train.models import digits_cnn
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_out_of_the_box_run_then_eval_agrees(tmp_path):
+    # The default command, shortened; no W&B key on this "fresh machine": W&B must go offline, not fail.
+    run_dir = tmp_path / "run"
+    done = run_cli("train.py", "schedule.epochs=3", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "W&B: offline (no API key configured)" in log and "spartan run summary" in log
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sparsity_all"] == pytest.approx(0.9, abs=1e-4)  # exact: every parameter counted
+    assert summary["flops_reduction"] > 1 and summary["steps"] == 3 * (1347 // 64)
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "name: digits_spartan" in config and "target: 0.9" in config
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert {"loss", "lr", "img_per_s", "sparsity_target", "sparsity_all", "beta", "solver_iterations",
+            "flip_rate"} <= set(train_records[0])
+    assert [r["epoch"] for r in records if r["kind"] in ("val", "final")] == [1, 2, 3]
+    assert any(r["kind"] == "layers" for r in records)
+
+    # model_final.pt is a plain state_dict: it loads into the vanilla model with weights_only=True.
+    model = digits_cnn()
+    model.load_state_dict(torch.load(run_dir / "model_final.pt", weights_only=True))
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    assert zeros / sum(p.numel() for p in model.parameters()) >= 0.9 - 1e-4
+
+    done = run_cli("eval.py", f"run_dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["val_top1"] == summary["val_top1"] and result["val_top5"] == summary["val_top5"]
+    assert result["sparsity_all"] == pytest.approx(summary["sparsity_all"])
+    assert result["flops_sparse"] == summary["flops_sparse"] and len(result["layers"]) == 4
+    assert f"val top-1 {100 * summary['val_top1']:.2f}%" in done.stdout
+
+
+def test_sweep_runs_one_job_per_value(tmp_path):
+    done = run_cli("train.py", "-m", "sparsity.target=0.5,0.8", "logger=none", "schedule.epochs=1",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [json.loads((tmp_path / "sweep" / str(k) / "summary.json").read_text()) for k in (0, 1)]
+    assert [round(s["sparsity_all"], 4) for s in summaries] == [0.5, 0.8]
+
+
+def test_torchrun_two_processes_share_one_run_dir_and_masks(tmp_path):
+    masks_dir = tmp_path / "masks"
+    masks_dir.mkdir()
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    import os
+    os.environ["MASKS_DIR"] = str(masks_dir)
+    try:
+        done = run_cli("tests/helpers/torchrun_train.py", "logger=none", "schedule.epochs=2", cwd=tmp_path,
+                       launcher=launcher)
+    finally:
+        del os.environ["MASKS_DIR"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs" / "digits_spartan").iterdir())
+    assert len(run_dirs) == 1  # both ranks agreed on rank 0's timestamp
+    summary = json.loads((run_dirs[0] / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2 * (1347 // (2 * 64))
+    masks = [torch.load(masks_dir / f"masks_rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*masks))
+    model = digits_cnn()
+    model.load_state_dict(torch.load(run_dirs[0] / "model_final.pt", weights_only=True))
+    for mask, weight in zip(masks[0], [model[0].weight, model[3].weight, model[7].weight, model[12].weight]):
+        assert torch.equal(weight != 0, mask != 0)
+    # eval.py on the run reproduces the 2-process final validation (every image counted once).
+    done = run_cli("eval.py", f"run_dir={run_dirs[0]}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run_dirs[0] / "eval.json").read_text())["val_top1"] == summary["val_top1"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_digits):
+    straight = train(compose_train(*tiny_digits), tmp_path / "straight")
+    interrupted = compose_train(*tiny_digits, "trainer.stop_after_epochs=1")
+    assert train(interrupted, tmp_path / "resumed") is None
+    assert not (tmp_path / "resumed" / "model_final.pt").exists()
+    resumed = train(compose_train(*tiny_digits, "resume=auto"), tmp_path / "resumed")
+    a = torch.load(tmp_path / "straight" / "model_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model_final.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["val_top1"] == straight["val_top1"] and resumed["steps"] == straight["steps"]
+
+
+def test_resume_from_another_run_dir_and_after_the_freeze(tmp_path, tiny_digits):
+    # Five epochs: masks freeze in epoch 5 (the last 20%); stop after 4 and resume from the run dir's path.
+    overrides = (*tiny_digits, "schedule.epochs=5")
+    straight = train(compose_train(*overrides), tmp_path / "straight")
+    train(compose_train(*overrides, "trainer.stop_after_epochs=4"), tmp_path / "first")
+    resumed = train(compose_train(*overrides, f"resume={tmp_path / 'first'}"), tmp_path / "second")
+    a = torch.load(tmp_path / "straight" / "model_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "second" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed["val_top1"] == straight["val_top1"]
+
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "train.log"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    train(compose_train("logger=none", "schedule.epochs=1"), run_dir,
+          files={".hydra/config.yaml": "name: digits_spartan\n"})
+    return run_dir
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sparsity.target=1.0"], "sparsity.target must be a sparsity in [0, 1), got 1.0"),
+    (["optim.lr=0"], "optim.lr must be a finite number > 0, got 0.0"),
+    (["data.batch_size=0"], "data.batch_size must be an integer > 0, got 0"),
+    (["schedule.epochs=0"], "schedule.epochs must be an integer > 0, got 0"),
+    (["data=imagefolder"], "data.path must name a dataset folder for data=imagefolder, got None"),
+    (["data=imagefolder", "data.path=/no/such/dir"], "data.path '/no/such/dir' is not a directory"),
+    (["sparsity=block", "sparsity.block=[3,3]"], "block (3, 3) does not divide 0.weight"),
+    (["resume=/no/such/checkpoint.pt"], "resume='/no/such/checkpoint.pt' does not exist"),
+    (["resume=auto", "sparsity.target=0.8"], "was trained with sparsity.target=0.9, this run has sparsity.target=0.8"),
+    (["resume=auto", "model=resnet18", "data=synthetic"], "was trained with model.name='digits_cnn'"),
+])
+def test_bad_input_is_one_error_line_and_leaves_the_run_dir_untouched(finished_run, overrides, message):
+    before = snapshot(finished_run)
+    done = run_cli("train.py", "logger=none", "schedule.epochs=1", f"hydra.run.dir={finished_run}", *overrides,
+                   cwd=finished_run.parent)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip()[7:]}"]  # exactly one line
+    assert message in done.stderr
+    assert snapshot(finished_run) == before
+
+
+def test_unknown_keys_fail_in_hydra_before_anything_runs(tmp_path):
+    done = run_cli("train.py", "optim.momentun=0.8", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 1 and "Key 'momentun' not in 'OptimConfig'" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_errors_are_one_line(tmp_path):
+    done = run_cli("eval.py", f"run_dir={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 2 and "has no model_final.pt" in done.stderr
+    done = run_cli("eval.py", f"checkpoint={tmp_path / 'nope.pt'}", cwd=tmp_path)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_vanilla_torchvision_model_loads_the_final_weights(tmp_path):
+    import torchvision
+
+    config = compose_train("model=resnet18", "data=synthetic", "data.image_size=32", "data.num_classes=10",
+                           "data.train_size=64", "data.val_size=16", "data.batch_size=32", "schedule.epochs=1",
+                           "logger=none", "sparsity.target=0.8", "sparsity.warmup_frac=0.5", "sparsity.finetune_frac=0.5")
+    summary = train(config, tmp_path)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(torch.load(tmp_path / "model_final.pt", weights_only=True))
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(int((p == 0).sum()) for p in model.parameters()) / total == pytest.approx(0.8, abs=1e-4)
+    assert summary["sparsity_all"] == pytest.approx(0.8, abs=1e-4)
+
+
+def test_gradient_accumulation_and_channels_last(tmp_path, tiny_digits):
+    summary = train(compose_train(*tiny_digits, "data.batch_size=32", "trainer.accumulate=2",
+                                  "trainer.channels_last=true", "trainer.grad_clip=1.0"), tmp_path)
+    assert summary["steps"] == 2 * (1347 // 32 // 2)
+    assert summary["sparsity_all"] == pytest.approx(0.9, abs=1e-4)
+
+
+def test_dense_method_trains_without_masks(tmp_path, tiny_digits):
+    summary = train(compose_train(*tiny_digits, "sparsity.method=dense"), tmp_path)
+    assert summary["sparsity_all"] < 0.01 and summary["flops_reduction"] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.slow
+def test_out_of_the_box_run_reaches_the_target_accuracy(tmp_path):
+    done = run_cli("train.py", f"hydra.run.dir={tmp_path / 'run'}", "logger=none", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["val_top1"] >= 0.95 and summary["sparsity_all"] == pytest.approx(0.9, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(tmp_path, tiny_digits):
+    summary = train(compose_train(*tiny_digits, "trainer.compile=true"), tmp_path)
+    assert summary["sparsity_all"] == pytest.approx(0.9, abs=1e-4)
+
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_spartan_gradients():
+    from spartan import Sparsifier, SparsityConfig
+
+    def gradients(compiled: bool) -> list[list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = digits_cnn()
+        config = SparsityConfig(target=0.8, warmup_frac=0.0, finetune_frac=0.0, beta_init=5, beta_final=5)
+        sparsifier = Sparsifier(model, config, total_steps=10)
+        runner = torch.compile(model) if compiled else model
+        x, y = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10
+        steps = []
+        for _ in range(2):
+            torch.nn.functional.cross_entropy(runner(x), y).backward()
+            sparsifier.finish_backward()  # the global term accumulated inside the compiled backward
+            steps.append([t.weight.grad.clone() for t in sparsifier.tensors])
+            with torch.no_grad():
+                for t in sparsifier.tensors:
+                    t.weight.sub_(0.1 * t.weight.grad)
+                    t.weight.grad = None
+            sparsifier.step()
+        return steps
+
+    for eager, compiled in zip(gradients(False), gradients(True)):
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
