@@ -3,6 +3,7 @@
 See README.md for the ImageNet, torchrun and sweep commands; configs/ holds every option.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from spartan.train import cli
-from spartan.train.config import register
+from spartan.train.config import ConfigError, register
 from spartan.train.loop import train
 
 register(ConfigStore.instance())
@@ -21,12 +22,17 @@ register(ConfigStore.instance())
 @hydra.main(config_path=str(Path(__file__).resolve().parent / "configs"), config_name="train", version_base="1.3")
 @cli.report_errors
 def main(cfg: DictConfig) -> float | None:
-    config = cli.to_dataclass(cfg, OmegaConf.to_object)
     hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
     files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
              ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra_config.overrides.task))}
-    summary = train(config, hydra_config.runtime.output_dir, files=files,
-                    run_config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        config = cli.to_dataclass(cfg, OmegaConf.to_object)
+        summary = train(config, run_dir, files=files, run_config=OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # Hydra created it for this run; a start that failed leaves nothing (non-empty: kept)
+        raise
     return summary["val_top1"] if summary else None  # the value a sweeper optimizes
 
 

@@ -57,7 +57,7 @@ def test_sweep_runs_one_job_per_value(tmp_path):
     done = run_cli("train.py", "-m", "sparsity.target=0.5,0.8", "logger=none", "schedule.epochs=1",
                    f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    summaries = [json.loads((tmp_path / "sweep" / str(k) / "summary.json").read_text()) for k in (0, 1)]
+    summaries = [json.loads((tmp_path / "sweep" / f"{k}_digits_spartan" / "summary.json").read_text()) for k in (0, 1)]
     assert [round(s["sparsity_all"], 4) for s in summaries] == [0.5, 0.8]
 
 
@@ -134,17 +134,84 @@ def finished_run(tmp_path_factory) -> Path:
     (["data=imagefolder", "data.path=/no/such/dir"], "data.path '/no/such/dir' is not a directory"),
     (["sparsity=block", "sparsity.block=[3,3]"], "block (3, 3) does not divide 0.weight"),
     (["resume=/no/such/checkpoint.pt"], "resume='/no/such/checkpoint.pt' does not exist"),
-    (["resume=auto", "sparsity.target=0.8"], "was trained with sparsity.target=0.9, this run has sparsity.target=0.8"),
-    (["resume=auto", "model=resnet18", "data=synthetic"], "was trained with model.name='digits_cnn'"),
+    (["sparsity.target=0.8"], "was trained with sparsity.target=0.9, this run has sparsity.target=0.8"),
+    (["model=resnet18", "data=synthetic"], "was trained with model.name='digits_cnn'"),
+    (["optim=adamw"], "was trained with optim.name='sgd'"),
+    (["seed=5"], "was trained with seed=0"),
+    (["+model.kwargs.depth=3"], "model.kwargs={'depth': 3} rejected"),
 ])
 def test_bad_input_is_one_error_line_and_leaves_the_run_dir_untouched(finished_run, overrides, message):
     before = snapshot(finished_run)
-    done = run_cli("train.py", "logger=none", "schedule.epochs=1", f"hydra.run.dir={finished_run}", *overrides,
-                   cwd=finished_run.parent)
+    # Continuing the finished run (resume=auto) with one bad value: caught before anything is written.
+    done = run_cli("train.py", "logger=none", "schedule.epochs=1", f"hydra.run.dir={finished_run}", "resume=auto",
+                   *overrides, cwd=finished_run.parent)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip()[7:]}"]  # exactly one line
     assert message in done.stderr
     assert snapshot(finished_run) == before
+
+
+def test_a_fresh_start_does_not_overwrite_an_earlier_run(finished_run):
+    before = snapshot(finished_run)
+    done = run_cli("train.py", "logger=none", "schedule.epochs=1", f"hydra.run.dir={finished_run}",
+                   cwd=finished_run.parent)
+    assert done.returncode == 2 and "already holds a run" in done.stderr and "resume=auto" in done.stderr
+    assert snapshot(finished_run) == before
+
+
+def test_a_failed_start_leaves_no_new_run_dir(tmp_path):
+    done = run_cli("train.py", "optim.lr=-1", cwd=tmp_path)
+    assert done.returncode == 2
+    runs = tmp_path / "outputs" / "digits_spartan"
+    assert runs.is_dir() and not any(runs.iterdir())  # Hydra's timestamped directory was removed again
+
+
+def test_forced_online_wandb_without_a_key_fails_before_writing(tmp_path):
+    done = run_cli("train.py", "logger.mode=online", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 2 and "needs a W&B API key" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_auto_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_digits):
+    run_dir = tmp_path / "run"
+    train(compose_train(*tiny_digits, "schedule.epochs=3", "trainer.stop_after_epochs=1"), run_dir)
+    checkpoint_step = max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl"))
+    with (run_dir / "metrics.jsonl").open("a") as f:  # a crashed job logged past its last checkpoint
+        f.write(json.dumps({"kind": "train", "step": checkpoint_step + 5, "loss": 9.9}) + "\n")
+    train(compose_train(*tiny_digits, "schedule.epochs=3", "resume=auto"), run_dir)
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == sorted(steps) and 9.9 not in [r.get("loss") for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def write_image_folder(root: Path, classes: int = 4, per_class: int = 6) -> Path:
+    """A tiny ImageNet-layout folder of JPEGs whose colour depends on the class."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                size = (int(torch.randint(24, 48, (), generator=gen)), int(torch.randint(24, 48, (), generator=gen)))
+                base = torch.tensor([60 * c, 255 - 60 * c, 128]).view(1, 1, 3)
+                noise = torch.randint(0, 40, (size[1], size[0], 3), generator=gen)
+                Image.fromarray((base + noise).clamp(0, 255).to(torch.uint8).numpy()).save(folder / f"{i}.JPEG")
+    return root
+
+
+def test_imagefolder_with_workers_resumes_bitwise(tmp_path):
+    # Random crops and flips in 2 worker processes: a resumed run must draw the same augmentations.
+    data = write_image_folder(tmp_path / "images")
+    overrides = ("logger=none", "model=resnet18", "data=imagefolder", f"data.path={data}", "data.image_size=32",
+                 "data.batch_size=8", "data.num_workers=2", "schedule.epochs=2", "sparsity.target=0.5")
+    straight = train(compose_train(*overrides), tmp_path / "straight")
+    train(compose_train(*overrides, "trainer.stop_after_epochs=1"), tmp_path / "resumed")
+    resumed = train(compose_train(*overrides, "resume=auto"), tmp_path / "resumed")
+    a = torch.load(tmp_path / "straight" / "model_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed["val_top1"] == straight["val_top1"]
+    assert straight["sparsity_all"] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_unknown_keys_fail_in_hydra_before_anything_runs(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -55,27 +56,30 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "gauss": float(gauss)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def seed_everything(seed: int, *streams: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and ``random`` from ``seed`` and optional stream ids (rank, epoch)."""
+    derived = int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0]) if streams else seed
+    torch.manual_seed(derived)
+    np.random.seed(derived)
+    random.seed(derived)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuples(state["python"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A new run must not overwrite an earlier run's checkpoint, final model or metrics."""
+    earlier = [name for name in (str(LAST), "model_final.pt", "metrics.jsonl") if (run_dir / name).exists()]
+    if earlier:
+        raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds a run ({', '.join(earlier)}): continue it "
+                          f"with resume=auto, or choose a new hydra.run.dir")
 
 
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` (epochs a crashed run logged but did not checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def git_version() -> str:

@@ -77,7 +77,7 @@ class DataConfig:
     val_size: int = 256  # synthetic only
     val_fraction: float = 0.25  # digits only: stratified hold-out
     pin_memory: bool = True
-    persistent_workers: bool = True
+    persistent_workers: bool = False  # true saves worker start-up per epoch, but a resumed run's augmentation differs
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)

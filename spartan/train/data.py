@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
@@ -36,9 +37,11 @@ class Loaders:
     val: DataLoader
     info: DataInfo
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the training order for ``epoch`` (the same order on every process and after a resume)."""
+    def set_epoch(self, epoch: int, seed: int, rank: int) -> None:
+        """Reshuffle for ``epoch`` (one order for all processes) and seed this process's augmentation workers;
+        both follow from ``(seed, rank, epoch)`` alone, so a resumed run replays them."""
         self.train.sampler.set_epoch(epoch)
+        self.train.generator.manual_seed(int(np.random.SeedSequence([seed, rank, epoch, 1]).generate_state(1)[0]))
 
 
 class ShardSampler(Sampler[int]):
@@ -98,7 +101,8 @@ def build_loaders(config: DataConfig, *, rank: int = 0, world: int = 1, seed: in
             raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the "
                               f"{len(train_set)} training images of data={config.name}")
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True, **workers)
+        train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+                                  generator=torch.Generator(), **workers)
     val_loader = DataLoader(val_set, batch_size=config.val_batch_size or config.batch_size,
                             sampler=ShardSampler(len(val_set), rank, world), **workers)
     return Loaders(train_loader, val_loader, info)

@@ -23,19 +23,19 @@ from torch import nn
 from tqdm import tqdm
 
 from spartan import Sparsifier, SparsityConfig
-from spartan.train.checkpoint import (FORMAT, LAST, atomic_save, environment, git_version, load_checkpoint,
-                                      resolve_resume, rng_state, set_rng_state)
+from spartan.train.checkpoint import (FORMAT, LAST, atomic_save, check_fresh_run_dir, environment, git_version,
+                                      load_checkpoint, resolve_resume, seed_everything, truncate_metrics)
 from spartan.train.config import ConfigError, TrainConfig
 from spartan.train.data import Loaders, build_loaders
-from spartan.train.distributed import Process, all_reduce_sum, current_process
+from spartan.train.distributed import Process, all_reduce_sum, broadcast_flag, current_process
 from spartan.train.models import build_model
 from spartan.train.optim import build_lr_schedule, build_optimizer, peak_lr
-from spartan.train.tracking import MetricLogger
+from spartan.train.tracking import MetricLogger, resolve_wandb_mode
 
 log = logging.getLogger("spartan.train")
 
-# Config sections a resumed run must share with its checkpoint (the rest — logging, devices, workers — may change).
-RESUME_MUST_MATCH = ("model", "sparsity", "schedule")
+# Config keys a resumed run must share with its checkpoint (the rest — logging, devices, workers — may change).
+RESUME_MUST_MATCH = ("model", "sparsity", "schedule", "optim", "seed")
 
 
 def resolve_device(name: str, process: Process) -> torch.device:
@@ -46,6 +46,9 @@ def resolve_device(name: str, process: Process) -> torch.device:
             raise ConfigError(f"trainer.device={name} but CUDA is not available here (use trainer.device=cpu or auto)")
         if name == "cuda":
             return torch.device("cuda", process.local_rank)
+        if process.world > 1:
+            raise ConfigError(f"trainer.device={name} would put every torchrun process on one GPU: use "
+                              f"trainer.device=cuda (process i uses GPU LOCAL_RANK=i)")
     return torch.device(name)
 
 
@@ -87,10 +90,16 @@ class Run:
         # ---- checks and construction; nothing is written before this block completes
         self.device = resolve_device(trainer.device, self.process)
         self.amp_dtype = resolve_amp(trainer.amp, self.device)
-        resume_path = resolve_resume(config.resume, self.run_dir)
+        # Rank 0 decides (the ranks' filesystems may differ); a fresh run must not overwrite an earlier one.
+        resume_path = resolve_resume(config.resume, self.run_dir) if self.process.is_main else None
+        if broadcast_flag(resume_path is not None) and not self.process.is_main:
+            resume_path = resolve_resume(config.resume, self.run_dir) or self.run_dir / LAST
+        if resume_path is None and config.resume != "auto" and self.process.is_main:
+            check_fresh_run_dir(self.run_dir)
+        self.wandb_mode = resolve_wandb_mode(config.logger) if self.process.is_main else None
         if trainer.threads:
             torch.set_num_threads(trainer.threads)
-        torch.manual_seed(config.seed)
+        seed_everything(config.seed)  # the model's initial weights: the same on every process
         self.loaders: Loaders = build_loaders(config.data, rank=self.process.rank, world=self.process.world,
                                               seed=config.seed, device=self.device)
         info = self.loaders.info
@@ -117,11 +126,13 @@ class Run:
         self.run_config = run_config if run_config is not None else dataclasses.asdict(config)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if config.resume == "auto":  # drop what a crashed job logged after its last checkpoint
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
             for name, text in (files or {}).items():
                 (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / name).write_text(text)
-        self.metrics = MetricLogger(self.run_dir, config.logger, run_name=config.name, run_config=self.run_config,
-                                    enabled=self.is_main)
+        self.metrics = MetricLogger(self.run_dir, config.logger, self.wandb_mode, run_name=config.name,
+                                    run_config=self.run_config, enabled=self.is_main, resumed=config.resume == "auto")
         self.runner = self._wrap(self.model)
         if resume_path is not None:
             log.info(f"resumed from {resume_path} at epoch {self.progress.epoch}, step {self.progress.step}")
@@ -141,7 +152,8 @@ class Run:
         return {"format": FORMAT, "epoch": self.progress.epoch, "step": self.progress.step,
                 "progress": dataclasses.asdict(self.progress), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "sparsifier": self.sparsifier.state_dict(), "rng": rng_state(),
+                "scaler": self.scaler.state_dict(), "sparsifier": self.sparsifier.state_dict(),
+                "amp": str(self.amp_dtype),
                 "train_config": _plain(dataclasses.asdict(self.config)), "config": _plain(self.run_config),
                 "steps_per_epoch": self.steps_per_epoch, "val": self.val_metrics, "git": git_version(),
                 "env": environment(self.process.world)}
@@ -154,6 +166,9 @@ class Run:
                 key = _first_difference(saved[section], mine[section], section)
                 raise ConfigError(f"resume: {path} was trained with {key[0]}={key[1]!r}, this run has "
                                   f"{key[0]}={key[2]!r} (resume with the same value, or start a new run)")
+        if state["amp"] != str(self.amp_dtype):
+            raise ConfigError(f"resume: {path} was trained with autocast dtype {state['amp']}, trainer.amp="
+                              f"{self.config.trainer.amp} gives {self.amp_dtype} here (keep the precision)")
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"resume: {path} has {state['steps_per_epoch']} steps per epoch, this run "
                               f"{self.steps_per_epoch} (keep data.batch_size × processes × trainer.accumulate)")
@@ -164,7 +179,6 @@ class Run:
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         self.val_metrics = state["val"]
-        set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -191,7 +205,10 @@ class Run:
 
     def train_epoch(self, epoch: int) -> None:
         trainer = self.config.trainer
-        self.loaders.set_epoch(epoch)
+        # Every epoch's randomness follows from (seed, rank, epoch): a resumed run replays it exactly, and
+        # processes draw different augmentations.
+        seed_everything(self.config.seed, self.process.rank, epoch)
+        self.loaders.set_epoch(epoch, self.config.seed, self.process.rank)
         self.runner.train()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.schedule.epochs}",
                    disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
@@ -219,6 +236,7 @@ class Run:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
             self.lr_schedule.step()
             telemetry = self.sparsifier.step()
             self.progress.step += 1
@@ -243,7 +261,7 @@ class Run:
             [float(window["loss"]), float(window["correct"]), window["samples"]], self.device)
         seconds = time.perf_counter() - window["start"]
         record = {"kind": "train", "epoch": epoch + 1, "loss": loss_sum / samples, "top1": correct / samples,
-                  "lr": self.optimizer.param_groups[0]["lr"], "img_per_s": samples / seconds,
+                  "lr": self.step_lr, "img_per_s": samples / seconds,
                   "sparsity_target": 1 - telemetry["density_target"], **self.sparsifier.sparsity(),
                   **{k: telemetry[k] for k in ("beta", "flip_rate", "solver_iterations", "lam") if k in telemetry},
                   "frozen": telemetry["frozen"]}
@@ -311,8 +329,8 @@ class Run:
             self.metrics.summary(summary)
         return summary
 
-    def close(self) -> None:
-        self.metrics.close()
+    def close(self, failed: bool = False) -> None:
+        self.metrics.close(failed)
 
 
 @torch.no_grad()
@@ -356,7 +374,7 @@ def _plain(value: Any) -> Any:
 
 def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        for key in [*a, *(k for k in b if k not in a)]:  # schema order: the first field is the most telling
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
     return path, a, b
@@ -392,12 +410,15 @@ def train(config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = 
           run_config: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Train ``config`` into ``run_dir``; return the summary (also in ``summary.json``), None if stopped early."""
     run = Run(config, run_dir, files=files, run_config=run_config)
+    failed = True
     try:
         if not run.fit():
+            failed = False
             return None
         summary = run.finish()
+        failed = False
     finally:
-        run.close()
+        run.close(failed)
     if run.is_main:
         log.info(format_summary(summary, Path(run_dir), run.metrics.wandb_note))
     return summary

@@ -21,6 +21,14 @@ BUILTIN = {"digits_cnn": digits_cnn}
 
 def build_model(config: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
     """A freshly initialised model (uses the global torch RNG: seed before calling)."""
+    try:
+        return _build(config, num_classes, in_channels)
+    except TypeError as err:  # e.g. a model.kwargs key the constructor does not take
+        raise ConfigError(f"model.kwargs={dict(config.kwargs)!r} rejected by {config.source} model "
+                          f"{config.name!r}: {err}") from None
+
+
+def _build(config: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
     if config.source == "builtin":
         if config.name not in BUILTIN:
             raise ConfigError(f"model.name must be one of the builtin models {tuple(BUILTIN)} with "

@@ -2,7 +2,8 @@
 
 Only the main process writes. W&B is imported only when selected; with ``logger.mode=auto`` it runs online
 when an API key is configured (``WANDB_API_KEY`` or ``wandb login``) and offline otherwise, so a missing key
-never stops training. The key itself is never read into logs or configs.
+never stops training; if an online start fails (no network on a compute node) it falls back to offline.
+The key itself is never read into logs or configs.
 """
 
 from __future__ import annotations
@@ -16,46 +17,51 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from spartan.train.config import LoggerConfig
+from spartan.train.config import ConfigError, LoggerConfig
 
 log = logging.getLogger("spartan.train")
+
+# Hosts ``wandb login`` writes netrc entries for (wandb >= 0.31 defaults to the CoreWeave host).
+WANDB_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 
 
 class MetricLogger:
     """``log(record)`` appends one JSON line (and logs to W&B); ``close()`` ends the W&B run."""
 
-    def __init__(self, run_dir: Path, config: LoggerConfig | None, *, run_name: str, run_config: dict[str, Any],
-                 enabled: bool):
+    def __init__(self, run_dir: Path, config: LoggerConfig | None, wandb_mode: str | None, *, run_name: str,
+                 run_config: dict[str, Any], enabled: bool, resumed: bool):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         self.wandb_note = None
-        if enabled and config is not None and config.name == "wandb":
-            self.wandb_run, self.wandb_note = _start_wandb(config, run_dir, run_name, run_config)
+        if enabled and config is not None and config.name == "wandb" and wandb_mode != "disabled":
+            self.wandb_run, self.wandb_note = _start_wandb(config, wandb_mode, run_dir, run_name, run_config, resumed)
 
     def log(self, record: dict[str, Any], *, step: int) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({**record, "step": step}, default=_jsonable) + "\n")
+        self._append({**record, "step": step})
         if self.wandb_run is not None:
             kind = record.get("kind", "train")
-            self.wandb_run.log({f"{kind}/{k}": v for k, v in record.items()
-                                if k != "kind" and isinstance(v, (int, float)) and not isinstance(v, bool)},
-                               step=step)
+            values = {f"{kind}/{k}": v for k, v in record.items()
+                      if k != "kind" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.wandb_run.log({**values, "step": step})
 
     def log_layers(self, rows: list[dict[str, Any]], *, step: int, epoch: int) -> None:
         """The per-layer density table (one JSON line; a W&B table)."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"kind": "layers", "epoch": epoch, "layers": rows, "step": step}, default=_jsonable) + "\n")
+        self._append({"kind": "layers", "epoch": epoch, "layers": rows, "step": step})
         if self.wandb_run is not None:
             import wandb
 
             columns = ["name", "params", "params_kept", "density", "density_target"]
             table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-            self.wandb_run.log({"layers/densities": table}, step=step)
+            self.wandb_run.log({"layers/densities": table, "step": step})
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled and self.wandb_run is not None:
@@ -63,9 +69,9 @@ class MetricLogger:
                 if isinstance(value, (int, float, str)):
                     self.wandb_run.summary[key] = value
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=1 if failed else 0)
             self.wandb_run = None
 
 
@@ -78,31 +84,55 @@ def _jsonable(value: Any) -> Any:
 
 
 def wandb_key_configured() -> bool:
-    """Whether W&B has an API key: the environment variable, or the netrc entry ``wandb login`` writes."""
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether W&B has credentials: environment variables, or the netrc entry ``wandb login`` writes."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    hosts = set(WANDB_HOSTS)
+    if os.environ.get("WANDB_BASE_URL"):
+        hosts.add(os.environ["WANDB_BASE_URL"].split("://")[-1].split("/")[0])
     try:
-        return netrc.netrc().authenticators(host) is not None
+        entries = netrc.netrc().hosts
     except (OSError, netrc.NetrcParseError):
         return False
+    return any(host in entries for host in hosts)
 
 
-def _start_wandb(config: LoggerConfig, run_dir: Path, run_name: str, run_config: dict[str, Any]):
+def resolve_wandb_mode(config: LoggerConfig) -> str | None:
+    """The W&B mode to start in (checked before anything is written), or None without ``logger=wandb``."""
+    if config.name != "wandb":
+        return None
+    mode = config.mode if config.mode != "auto" else os.environ.get("WANDB_MODE", "auto")
+    if mode == "online" and not wandb_key_configured():
+        raise ConfigError("logger.mode=online (or WANDB_MODE=online) needs a W&B API key: run `wandb login` or set "
+                          "WANDB_API_KEY, or use logger.mode=auto / offline")
+    return mode
+
+
+def _start_wandb(config: LoggerConfig, mode: str, run_dir: Path, run_name: str, run_config: dict[str, Any],
+                 resumed: bool):
     import wandb
 
-    mode, note = config.mode, None
+    note = None
     if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_key_configured() else "offline")
+        mode = "online" if wandb_key_configured() else "offline"
         if mode == "offline":
-            note = (f"offline (no API key configured): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`")
-            log.info(f"W&B: {note}")
+            note = f"offline (no API key configured): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
     id_file = run_dir / "wandb_id"  # a resumed run continues the same W&B run
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    run = wandb.init(project=config.project, entity=config.entity, group=config.group, tags=list(config.tags),
-                     name=run_name, dir=str(run_dir), config=run_config, mode=mode, id=run_id, resume="allow",
-                     settings=wandb.Settings(quiet=True))
-    if mode == "online":
+    kwargs = dict(project=config.project, entity=config.entity, group=config.group, tags=list(config.tags),
+                  name=run_name, dir=str(run_dir), config=run_config, id=run_id, resume="allow")
+    try:
+        run = wandb.init(mode=mode, settings=wandb.Settings(quiet=True, init_timeout=60), **kwargs)
+    except Exception as err:  # an unreachable server must not stop training when offline logging is possible
+        if mode != "online" or config.mode == "online":
+            raise
+        note = f"offline (online start failed: {type(err).__name__}): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
+        run = wandb.init(mode="offline", settings=wandb.Settings(quiet=True), **kwargs)
+    if mode == "online" and note is None:
         note = run.url
+    if note:
+        log.info(f"W&B: {note}")
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
     return run, note
