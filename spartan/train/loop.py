@@ -321,6 +321,7 @@ class Run:
                    "wall_seconds": time.perf_counter() - self.start_time,
                    "images_per_second": self.progress.images / max(self.progress.train_seconds, 1e-9),
                    "processes": self.process.world, "seed": self.config.seed, "git": git_version(),
+                   "env": environment(self.process.world),
                    "model_final": str(self.run_dir / "model_final.pt"),
                    "metrics": str(self.run_dir / "metrics.jsonl")}
         if self.is_main:
