@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -41,3 +42,20 @@ def run_cli(script: str, *args: str, cwd: Path, home: Path | None = None, timeou
 def tiny_digits() -> tuple[str, ...]:
     """Overrides for a seconds-long digits run (the out-of-the-box config, shortened)."""
     return ("logger=none", "schedule.epochs=2", "trainer.log_every=5")
+
+
+def write_image_folder(root: Path, classes: int = 4, per_class: int = 6) -> Path:
+    """A tiny ImageNet-layout folder of JPEGs whose colour depends on the class."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                size = (int(torch.randint(24, 48, (), generator=gen)), int(torch.randint(24, 48, (), generator=gen)))
+                base = torch.tensor([60 * c, 255 - 60 * c, 128]).view(1, 1, 3)
+                noise = torch.randint(0, 40, (size[1], size[0], 3), generator=gen)
+                Image.fromarray((base + noise).clamp(0, 255).to(torch.uint8).numpy()).save(folder / f"{i}.JPEG")
+    return root

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose_train, run_cli
+from conftest import compose_train, run_cli, write_image_folder
 from spartan.train.config import ConfigError
 from spartan.train.loop import train
 from spartan.train.models import digits_cnn
@@ -181,23 +181,6 @@ def test_resume_auto_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_di
     train(compose_train(*tiny_digits, "schedule.epochs=3", "resume=auto"), run_dir)
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == sorted(steps) and 9.9 not in [r.get("loss") for r in read_jsonl(run_dir / "metrics.jsonl")]
-
-
-def write_image_folder(root: Path, classes: int = 4, per_class: int = 6) -> Path:
-    """A tiny ImageNet-layout folder of JPEGs whose colour depends on the class."""
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                size = (int(torch.randint(24, 48, (), generator=gen)), int(torch.randint(24, 48, (), generator=gen)))
-                base = torch.tensor([60 * c, 255 - 60 * c, 128]).view(1, 1, 3)
-                noise = torch.randint(0, 40, (size[1], size[0], 3), generator=gen)
-                Image.fromarray((base + noise).clamp(0, 255).to(torch.uint8).numpy()).save(folder / f"{i}.JPEG")
-    return root
 
 
 def test_imagefolder_with_workers_resumes_bitwise(tmp_path):

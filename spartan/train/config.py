@@ -16,7 +16,8 @@ from typing import Any, Optional
 from spartan.config import SparsityConfig
 
 MODEL_SOURCES = ("builtin", "torchvision", "timm")
-DATASETS = ("digits", "synthetic", "imagefolder")
+DATASETS = ("digits", "synthetic", "imagefolder", "ffcv", "webdataset")
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "none", "bf16", "fp16")
@@ -60,41 +61,77 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where images come from and how they are batched. ``batch_size`` is per device (per process)."""
+    """Where images come from, how they are augmented and batched. ``batch_size`` is per device (per process).
+
+    ``path``: imagefolder — a folder with ``train/<class>/*`` and ``val/<class>/*``; ffcv — the folder holding
+    ``train.beton`` and ``val.beton``; webdataset — a folder holding ``train/*.tar`` and ``val/*.tar``.
+    ``train_path`` / ``val_path`` name the files (ffcv) or shard URLs/patterns with braces (webdataset) instead.
+    """
 
     name: str = "digits"
-    path: str | None = None  # imagefolder: a folder with train/<class>/* and val/<class>/*
+    path: str | None = None
+    train_path: str | None = None
+    val_path: str | None = None
     batch_size: int = 64
     val_batch_size: int | None = None  # default: batch_size
     num_workers: int = 0
     channels: int = 1
-    image_size: int = 8  # training and validation resolution in pixels
-    val_crop_ratio: float = 0.875  # imagefolder: resize to image_size / ratio, then center-crop image_size
+    image_size: int = 8  # training and validation resolution in pixels (ffcv: the final one, see min_res)
+    val_crop_ratio: float = 0.875  # resize to image_size / ratio (256 for 224), then center-crop image_size
     interpolation: str = "bicubic"
+    min_scale: float = 0.08  # RandomResizedCrop's smallest crop, as a fraction of the image area
     hflip: bool = False
-    num_classes: int = 10  # synthetic only; digits has 10 and imagefolder counts its class folders
-    train_size: int = 1024  # synthetic only: images per epoch
-    val_size: int = 256  # synthetic only
+    auto_augment: str = "none"  # none | randaugment | trivialaugment
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0  # probability per image
+    mixup_alpha: float = 0.0  # Mixup / CutMix: with both > 0, one of the two per batch (soft targets)
+    cutmix_alpha: float = 0.0
+    repeated_augment: int = 1  # > 1: each image repeated this often per epoch, in different processes
+    num_classes: int = 10  # synthetic, ffcv, webdataset (digits has 10, imagefolder counts its class folders)
+    train_size: int | None = None  # synthetic: images per epoch; webdataset: images in the shards (else counted)
+    val_size: int | None = None
     val_fraction: float = 0.25  # digits only: stratified hold-out
+    shuffle_buffer: int = 5000  # webdataset: samples shuffled in memory (after shard shuffling)
+    os_cache: bool = False  # ffcv: read through the OS page cache (dataset fits in RAM) instead of its own
+    min_res: int | None = None  # ffcv progressive resizing: from min_res ...
+    ramp_start_epoch: int = 0  # ... held until this epoch, then linearly to image_size ...
+    ramp_end_epoch: int = 0  # ... reached at this epoch (multiples of 32 px in between)
+    dtype: str = "float32"  # ffcv: images handed to the model as float32, float16 or bfloat16
     pin_memory: bool = True
     persistent_workers: bool = False  # true saves worker start-up per epoch, but a resumed run's augmentation differs
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
         _positive_int("data.batch_size", self.batch_size)
-        if self.val_batch_size is not None:
-            _positive_int("data.val_batch_size", self.val_batch_size)
+        for key in ("val_batch_size", "train_size", "val_size", "min_res"):
+            if getattr(self, key) is not None:
+                _positive_int(f"data.{key}", getattr(self, key))
         if not (isinstance(self.num_workers, int) and self.num_workers >= 0):
             raise ConfigError(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
-        for key in ("channels", "image_size", "num_classes", "train_size", "val_size"):
+        for key in ("random_erasing", "mixup_alpha", "cutmix_alpha", "ramp_start_epoch", "ramp_end_epoch"):
+            _finite(f"data.{key}", getattr(self, key), 0.0)
+        for key in ("channels", "image_size", "num_classes", "repeated_augment", "randaugment_ops",
+                    "shuffle_buffer"):
             _positive_int(f"data.{key}", getattr(self, key))
-        if not 0 < self.val_crop_ratio <= 1:
-            raise ConfigError(f"data.val_crop_ratio must be in (0, 1], got {self.val_crop_ratio!r}")
+        for key in ("val_crop_ratio", "min_scale"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"data.{key} must be in (0, 1], got {getattr(self, key)!r}")
+        if self.random_erasing > 1:
+            raise ConfigError(f"data.random_erasing must be a probability in [0, 1], got {self.random_erasing!r}")
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic", "nearest"))
+        _choice("data.auto_augment", self.auto_augment, AUTO_AUGMENTS)
+        _choice("data.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if self.name == "imagefolder" and not self.path:
-            raise ConfigError(f"data.path must name a dataset folder for data={self.name}, got {self.path!r}")
+        if self.ramp_end_epoch < self.ramp_start_epoch:
+            raise ConfigError(f"data.ramp_end_epoch must be >= data.ramp_start_epoch = {self.ramp_start_epoch}, "
+                              f"got {self.ramp_end_epoch}")
+        if self.name in ("imagefolder", "ffcv", "webdataset"):
+            if not self.path and not (self.train_path and self.val_path):
+                raise ConfigError(f"data.path must name a dataset folder for data={self.name}, got {self.path!r}")
+        if self.name == "synthetic" and (self.train_size is None or self.val_size is None):
+            raise ConfigError("data=synthetic needs data.train_size and data.val_size (images per epoch)")
 
 
 @dataclass

@@ -208,27 +208,32 @@ class Run:
         # Every epoch's randomness follows from (seed, rank, epoch): a resumed run replays it exactly, and
         # processes draw different augmentations.
         seed_everything(self.config.seed, self.process.rank, epoch)
-        self.loaders.set_epoch(epoch, self.config.seed, self.process.rank)
+        self.loaders.set_epoch(epoch)
         self.runner.train()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.schedule.epochs}",
                    disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
         window = {"loss": torch.zeros((), device=self.device), "correct": torch.zeros((), device=self.device),
                   "samples": 0, "steps": 0, "start": time.perf_counter()}
-        epoch_start, epoch_images = time.perf_counter(), 0
+        epoch_start, epoch_images, skipped = time.perf_counter(), 0, 0
         batches = iter(self.loaders.train)
         for _ in range(self.steps_per_epoch):
             for micro in range(trainer.accumulate):
-                images, targets = next(batches)
+                images, labels = next(batches)
+                skipped += self.config.data.batch_size - len(labels)  # unreadable images the loader dropped
                 images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                targets = targets.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                if self.loaders.mix is not None:  # Mixup/CutMix: soft targets, the same for every loader
+                    images, targets = self.loaders.mix(images, labels)
+                else:
+                    targets = labels
                 sync = micro == trainer.accumulate - 1 or not isinstance(self.runner, nn.parallel.DistributedDataParallel)
                 with contextlib.nullcontext() if sync else self.runner.no_sync(), self._autocast():
                     logits = self.runner(images)
                     loss = self.criterion(logits, targets)
                 self.scaler.scale(loss / trainer.accumulate).backward()
                 window["loss"] += loss.detach().float() * len(targets)
-                window["correct"] += (logits.detach().argmax(1) == targets).sum()
-                window["samples"] += len(targets)
+                window["correct"] += (logits.detach().argmax(1) == labels).sum()
+                window["samples"] += len(labels)
             self.sparsifier.finish_backward()
             if trainer.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -249,6 +254,9 @@ class Run:
         seconds = time.perf_counter() - epoch_start
         self.progress.train_seconds += seconds
         self.progress.images += epoch_images
+        skipped = int(all_reduce_sum([skipped], self.device)[0])
+        if skipped:
+            self.metrics.log({"kind": "data", "epoch": epoch + 1, "skipped_images": skipped}, step=self.progress.step)
         if self.is_main:
             log.info(f"epoch {epoch + 1}/{self.config.schedule.epochs}: {seconds:.1f} s, "
                      f"{epoch_images / seconds:,.0f} img/s, loss {self.last_train['loss']:.4f}, "

@@ -1,0 +1,237 @@
+"""``data=ffcv``: FFCV loaders over ``.beton`` files written by ``scripts/write_ffcv.py``.
+
+Imported lazily by :func:`spartan.train.data.loaders.build_loaders` (FFCV is an optional dependency).
+
+Training: a random resized crop decoded straight to the epoch's resolution (progressive resizing, see
+:func:`epoch_resolution`), optional horizontal flip, normalized with the ImageNet mean/std, channels-last, in
+``data.dtype``, on ``device``. Order: FFCV's quasi-random order (page-local shuffling, suited to datasets larger
+than RAM) in one process; with several processes a random order split across them (FFCV's ``distributed=True``,
+which needs an initialised ``torch.distributed`` process group). ``Loaders.on_epoch(epoch)`` sets the resolution
+and makes the order of the epoch a function of ``(seed, epoch)`` only, so a resumed run draws the order of an
+uninterrupted one. The crops and flips come from numba's per-thread generators and are not reproducible.
+
+Validation: resize so that the center crop of ``val_crop_ratio`` × the short side becomes ``image_size``
+(256 → 224), sequential order, process ``rank`` of ``world`` evaluates images ``rank, rank + world, ...``:
+every image exactly once, no padding.
+
+The batches are FFCV's buffers, reused a few batches later: use each batch before asking for the next
+``batches_ahead`` ones (clone what must be kept).
+
+Not available with FFCV: ``auto_augment``, ``random_erasing``, ``repeated_augment`` (a :class:`ConfigError`);
+``interpolation`` is ignored (FFCV resizes with OpenCV's area interpolation).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.operation import Operation
+from ffcv.reader import Reader
+from ffcv.transforms import (Convert, NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
+                             ToTorchImage)
+
+from spartan.train.config import ConfigError, DataConfig
+from spartan.train.data.loaders import DataInfo, Loaders
+from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, batch_mixer
+
+RESOLUTION_STEP = 32
+
+
+def epoch_resolution(config: DataConfig, epoch: int) -> int:
+    """Training resolution of ``epoch``: ``min_res`` until ``ramp_start_epoch``, then linear to ``image_size``
+    at ``ramp_end_epoch`` (in between rounded down to a multiple of 32 px, never past either end);
+    ``image_size`` throughout when ``min_res`` is None."""
+    if config.min_res is None:
+        return config.image_size
+    start, end = config.ramp_start_epoch, config.ramp_end_epoch
+    if epoch < start or (epoch == start and start < end):
+        return config.min_res
+    if epoch >= end:
+        return config.image_size
+    res = config.min_res + (config.image_size - config.min_res) * (epoch - start) / (end - start)
+    low, high = sorted((config.min_res, config.image_size))
+    return int(min(high, max(low, int(res) // RESOLUTION_STEP * RESOLUTION_STEP)))
+
+
+def beton_files(config: DataConfig) -> tuple[str, str]:
+    """``(train file, val file)``: ``data.train_path`` / ``data.val_path``, else ``<data.path>/train.beton`` /
+    ``<data.path>/val.beton``; a :class:`ConfigError` naming the key for a missing file."""
+    files = []
+    for split in ("train", "val"):
+        explicit = getattr(config, f"{split}_path")
+        if explicit:
+            if not Path(explicit).is_file():
+                raise ConfigError(f"data.{split}_path {explicit!r} is not a file (write it with "
+                                  f"scripts/write_ffcv.py)")
+            files.append(str(explicit))
+        else:
+            if not config.path:
+                raise ConfigError(f"data=ffcv needs data.path (a folder holding {split}.beton) or data.{split}_path")
+            file = Path(config.path) / f"{split}.beton"
+            if not file.is_file():
+                raise ConfigError(f"data.path {config.path!r} has no {split}.beton (write it with "
+                                  f"scripts/write_ffcv.py)")
+            files.append(str(file))
+    return files[0], files[1]
+
+
+def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device: torch.device,
+                 train: bool) -> Loaders:
+    """The FFCV training (``train=True``) and validation loaders of process ``rank`` of ``world``."""
+    _check_supported(config)
+    train_file, val_file = beton_files(config)
+    if not train:  # evaluation needs the validation file only
+        train_file = None
+    val_reader = Reader(val_file)
+    _check_fields(val_reader, "val", config)
+    val_size = int(val_reader.num_samples)
+    workers = _threads(config)
+    val_indices = np.arange(rank, val_size, world)
+    val_batch = config.val_batch_size or config.batch_size
+    if len(val_indices):
+        val_loader: Any = Loader(val_file, batch_size=val_batch, num_workers=workers, os_cache=config.os_cache,
+                                 order=OrderOption.SEQUENTIAL, indices=val_indices, drop_last=False,
+                                 pipelines=_pipelines(config, device, train=False, resolution=config.image_size))
+    else:  # more processes than validation images
+        val_loader = []
+
+    train_loader = None
+    on_epoch = None
+    train_size = 0
+    if train_file is not None:
+        train_reader = Reader(train_file)
+        _check_fields(train_reader, "train", config)
+        train_size = int(train_reader.num_samples)
+        if train_size < config.batch_size * world:
+            raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the "
+                              f"{train_size} training images of {train_file}")
+        pipelines = _pipelines(config, device, train=True, resolution=epoch_resolution(config, 0))
+        decoder = pipelines["image"][0]
+        distributed = world > 1
+        train_loader = Loader(train_file, batch_size=config.batch_size, num_workers=workers,
+                              os_cache=config.os_cache, distributed=distributed, seed=seed, drop_last=True,
+                              order=OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM,
+                              pipelines=pipelines)
+        on_epoch = _epoch_setter(config, train_loader, decoder)
+
+    info = DataInfo(config.num_classes, (3, config.image_size, config.image_size), train_size, val_size)
+    return Loaders(train_loader, val_loader, info, on_epoch, batch_mixer(config, config.num_classes))
+
+
+def _check_supported(config: DataConfig) -> None:
+    unsupported = {"auto_augment": config.auto_augment != "none", "random_erasing": config.random_erasing > 0,
+                   "repeated_augment": config.repeated_augment > 1}
+    for key, used in unsupported.items():
+        if used:
+            raise ConfigError(f"data.{key}={getattr(config, key)!r} is not available with data=ffcv "
+                              f"(use data=imagefolder or data=webdataset)")
+
+
+def _check_fields(reader: Any, split: str, config: DataConfig) -> None:
+    names = list(reader.field_names)
+    if names[:2] != ["image", "label"]:
+        raise ConfigError(f"data=ffcv: the {split} file {reader.file_name} has fields {names}, expected image and "
+                          f"label (write it with scripts/write_ffcv.py)")
+    labels = reader.metadata["f1"]
+    if len(labels) and (labels.min() < 0 or labels.max() >= config.num_classes):
+        raise ConfigError(f"data.num_classes={config.num_classes} but the {split} file {reader.file_name} has "
+                          f"labels {int(labels.min())}..{int(labels.max())}")
+
+
+def _threads(config: DataConfig) -> int:
+    """FFCV's decoding threads: ``data.num_workers``, or all cores for 0 (at most numba's thread limit)."""
+    return max(1, min(config.num_workers or (os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
+
+
+def _pipelines(config: DataConfig, device: torch.device, *, train: bool, resolution: int) -> dict[str, list]:
+    if train:
+        image: list = [RandomResizedCropRGBImageDecoder((resolution, resolution), scale=(config.min_scale, 1.0))]
+        if config.hflip:
+            image.append(RandomHorizontalFlip())
+    else:
+        image = [CenterCropRGBImageDecoder((resolution, resolution), ratio=config.val_crop_ratio)]
+    image += _to_normalized_tensor(config.dtype, device)
+    label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+    return {"image": image, "label": label}
+
+
+def _to_normalized_tensor(dtype: str, device: torch.device, *, gpu_kernel: bool | None = None) -> list:
+    """uint8 H×W×3 batches → normalized N×C×H×W channels-last tensors of ``dtype`` on ``device``.
+
+    On the CPU, FFCV's jitted ``NormalizeImage`` runs on the uint8 arrays (float16 comes out as int16 bits that
+    ``ToTorchImage`` views back as float16). On a GPU the uint8 batch is copied first and normalized there, by
+    ``NormalizeImage``'s CuPy kernel when CuPy is installed, else by :class:`TorchNormalize`. bfloat16 (no
+    NumPy type) is normalized in float32 and converted.
+    """
+    mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    convert = [Convert(torch.bfloat16)] if dtype == "bfloat16" else []
+    if device.type == "cpu":
+        return [NormalizeImage(mean, std, np_dtype), ToTensor(), ToDevice(device, non_blocking=True),
+                ToTorchImage(channels_last=True), *convert]
+    if gpu_kernel is None:
+        try:
+            import cupy  # noqa: F401  (NormalizeImage's GPU code needs it)
+
+            gpu_kernel = True
+        except ImportError:
+            gpu_kernel = False
+    head = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+    if gpu_kernel:
+        return [*head, NormalizeImage(mean, std, np_dtype), *convert]
+    return [*head, TorchNormalize(mean, std, getattr(torch, dtype))]
+
+
+def _epoch_setter(config: DataConfig, loader: Any, decoder: Any):
+    """``on_epoch(epoch)``: the epoch's resolution, and its order from ``(seed, epoch)`` only.
+
+    FFCV draws epoch ``e``'s order from ``loader.next_epoch`` (incremented by each ``iter``). Its quasi-random
+    order also shuffles a page → samples table in place each epoch, so the order would depend on every
+    earlier epoch: the table is restored to its initial state before each epoch.
+    """
+    order = loader.traversal_order
+    table = getattr(order, "page_to_samples_array", None)
+    pristine = table.copy() if table is not None else None
+
+    def on_epoch(epoch: int) -> None:
+        res = epoch_resolution(config, epoch)
+        decoder.output_size = (res, res)
+        loader.next_epoch = epoch
+        if pristine is not None:
+            order.page_to_samples_array[...] = pristine
+
+    return on_epoch
+
+
+class TorchNormalize(Operation):
+    """Normalize a uint8 N×C×H×W tensor with PyTorch ops on its device, to ``dtype``, channels-last
+    (FFCV's GPU normalization needs CuPy)."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, dtype: torch.dtype):
+        super().__init__()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.dtype = dtype
+
+    def generate_code(self):
+        cache: dict = {}
+
+        def normalize(images, _):
+            if images.device not in cache:
+                cache[images.device] = (self.mean.to(images.device), self.std.to(images.device))
+            mean, std = cache[images.device]
+            return ((images.float() - mean) / std).to(self.dtype, memory_format=torch.channels_last)
+
+        return normalize
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=False, dtype=self.dtype), None

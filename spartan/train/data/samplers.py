@@ -1,0 +1,46 @@
+"""Samplers: validation shards without padding, and repeated augmentation for training."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: each sample is seen by exactly one process, none twice."""
+
+    def __init__(self, size: int, rank: int, world: int):
+        self.indices = range(rank, size, world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class RepeatedAugmentSampler(Sampler[int]):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT): each image appears ``repeats`` times per epoch, the
+    copies dealt to different processes (so they are augmented differently), and each process still sees
+    ``size // world`` samples per epoch. Shuffled by ``seed`` and the epoch, identically on every process."""
+
+    def __init__(self, size: int, rank: int, world: int, repeats: int, seed: int):
+        self.size, self.rank, self.world, self.repeats, self.seed = size, rank, world, repeats, seed
+        self.per_process = size // world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=gen).repeat_interleave(self.repeats)
+        total = math.ceil(len(order) / self.world) * self.world
+        order = torch.cat([order, order[:total - len(order)]])  # pad so every process gets as many
+        return iter(order[self.rank::self.world][:self.per_process].tolist())
+
+    def __len__(self) -> int:
+        return self.per_process
