@@ -20,7 +20,8 @@ Never a silent or hanging failure:
    is killed with its workers (exit status 1). Should a writer worker still fail (e.g. a JPEG larger than
    ``--page-size``), it reports the file and stops the whole group at once instead of hanging;
 4. the file is written to ``<out>.tmp``, checked (sample count and labels read back) and renamed to ``<out>``
-   only then: a failed conversion leaves no ``.beton`` behind.
+   only then: a failed conversion leaves no ``.beton`` behind (the child also stops, and removes the ``.tmp``,
+   if this process dies; only a child killed right after it finished can leave a ``.tmp``).
 
 ``--page-size``: FFCV stores samples in pages; a sample must fit in one page, and a file is at least a page
 per writer worker. The default is the smallest power of two >= 2 MiB (FFCV's minimum) that holds the largest
@@ -40,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,7 +101,8 @@ def find_images(data_dir: str | os.PathLike, split: str) -> tuple[list[str], lis
         counts[label] += 1
     empty = [name for name, count in zip(classes, counts) if count == 0]
     if empty:
-        shown = ", ".join(f"{split}/{name}" for name in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        shown = ", ".join(f"{split}/{name}" for name in empty[:5])
+        shown += f" and {len(empty) - 5} more" if len(empty) > 5 else ""
         raise ConversionError(f"{len(empty)} class folder(s) of {str(root)!r} have no images "
                               f"({', '.join(IMAGE_SUFFIXES)}): {shown}")
     return classes, [(path, int(label)) for path, label in dataset.samples]
@@ -215,7 +218,7 @@ def write_split(data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
     spec = {"out": str(tmp), "samples": samples, "max_resolution": max_resolution, "write_mode": write_mode,
             "compress_probability": compress_probability, "jpeg_quality": jpeg_quality,
             "smart_threshold": smart_threshold, "workers": workers, "chunk_size": chunk_size,
-            "page_size": page_size}
+            "page_size": page_size, "parent": os.getpid()}
     try:
         with tempfile.TemporaryDirectory(prefix="write_ffcv_") as scratch:
             spec["error_file"] = os.path.join(scratch, "error.txt")
@@ -339,6 +342,17 @@ def _guarded_worker(*args: Any) -> None:
         raise
 
 
+def _watch_parent(parent: int, out: str) -> None:
+    """Stop the writer if the parent (the watchdog) dies: nobody would collect or clean up its file."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    try:
+        os.unlink(out)
+    except OSError:
+        pass
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+
+
 def _child_main(spec_file: str) -> int:
     global _ERROR_FILE
     with open(spec_file) as f:
@@ -346,6 +360,7 @@ def _child_main(spec_file: str) -> int:
     _ERROR_FILE = spec["error_file"]
     if os.getpgrp() != os.getpid():
         os.setpgrp()
+    threading.Thread(target=_watch_parent, args=(spec["parent"], spec["out"]), daemon=True).start()
     try:
         return _write(spec)
     except Exception as err:  # stop the writer's workers too: they would keep this process alive

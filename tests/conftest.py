@@ -34,7 +34,8 @@ def clean_env(home: Path) -> dict[str, str]:
 def run_cli(script: str, *args: str, cwd: Path, home: Path | None = None, timeout: int = 300,
             launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     command = [*launcher] if launcher else [sys.executable]
-    return subprocess.run([*command, str(ROOT / script), *args], cwd=cwd, env=clean_env(home or cwd),
+    target = [script] if script.startswith("-") else [str(ROOT / script)]  # "-c" runs code
+    return subprocess.run([*command, *target, *args], cwd=cwd, env=clean_env(home or cwd),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -16,6 +16,7 @@ from spartan.train.data.samplers import RepeatedAugmentSampler
 from spartan.train.data.transforms import batch_mixer
 
 sys.path.insert(0, str(ROOT / "scripts"))
+from write_ffcv import write_split  # noqa: E402
 from write_webdataset import write_shards  # noqa: E402
 
 CLASSES, PER_CLASS = 4, 6
@@ -31,6 +32,14 @@ def shards(images, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wds") / "shards"
     for split in ("train", "val"):
         assert write_shards(images, split, out, samples_per_shard=5) == CLASSES * PER_CLASS
+    return out
+
+
+@pytest.fixture(scope="module")
+def betons(images, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ffcv")
+    for split in ("train", "val"):
+        write_split(images, split, out / f"{split}.beton", workers=2, progress=False, timeout=300)
     return out
 
 
@@ -150,9 +159,9 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path):
     assert done.returncode == 1 and "error: --data-dir" in done.stderr
 
 
-@pytest.mark.parametrize("name", ["imagefolder", "webdataset"])
-def test_train_py_runs_an_epoch_from_real_image_data(name, images, shards, tmp_path):
-    path = images if name == "imagefolder" else shards
+@pytest.mark.parametrize("name", ["imagefolder", "webdataset", "ffcv"])
+def test_train_py_runs_an_epoch_from_real_image_data(name, images, shards, betons, tmp_path):
+    path = {"imagefolder": images, "webdataset": shards, "ffcv": betons}[name]
     run_dir = tmp_path / "run"
     done = run_cli("train.py", "logger=none", "model=resnet18", f"data={name}", f"data.path={path}",
                    "data.image_size=32", "data.batch_size=8", "data.num_workers=1", f"data.num_classes={CLASSES}",
@@ -163,3 +172,11 @@ def test_train_py_runs_an_epoch_from_real_image_data(name, images, shards, tmp_p
     assert summary["steps"] == CLASSES * PER_CLASS // 8 and summary["sparsity_all"] == pytest.approx(0.5, abs=1e-4)
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-2]
     assert final["kind"] == "final" and final["images"] == CLASSES * PER_CLASS
+
+
+def test_ffcv_and_webdataset_are_imported_only_when_selected(tmp_path):
+    code = ("import sys, train, eval; from spartan.train.data import build_loaders; "
+            "from spartan.train.config import DataConfig; build_loaders(DataConfig()); "
+            "assert not {'ffcv', 'webdataset'} & set(sys.modules), sorted({'ffcv', 'webdataset'} & set(sys.modules))")
+    done = run_cli("-c", code, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -34,6 +34,7 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import (Convert, NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
@@ -44,6 +45,8 @@ from spartan.train.data.loaders import DataInfo, Loaders
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, batch_mixer
 
 RESOLUTION_STEP = 32
+# numpy | cupy | torch (see _to_normalized_tensor); None: numpy on the CPU, cupy on a GPU if installed, else torch
+NORMALIZE_MODE: str | None = None
 
 
 def epoch_resolution(config: DataConfig, epoch: int) -> int:
@@ -53,10 +56,10 @@ def epoch_resolution(config: DataConfig, epoch: int) -> int:
     if config.min_res is None:
         return config.image_size
     start, end = config.ramp_start_epoch, config.ramp_end_epoch
-    if epoch < start or (epoch == start and start < end):
-        return config.min_res
     if epoch >= end:
         return config.image_size
+    if epoch <= start:
+        return config.min_res
     res = config.min_res + (config.image_size - config.min_res) * (epoch - start) / (end - start)
     low, high = sorted((config.min_res, config.image_size))
     return int(min(high, max(low, int(res) // RESOLUTION_STEP * RESOLUTION_STEP)))
@@ -99,7 +102,7 @@ def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device
     val_batch = config.val_batch_size or config.batch_size
     if len(val_indices):
         val_loader: Any = Loader(val_file, batch_size=val_batch, num_workers=workers, os_cache=config.os_cache,
-                                 order=OrderOption.SEQUENTIAL, indices=val_indices, drop_last=False,
+                                 order=OrderOption.SEQUENTIAL, indices=val_indices, drop_last=False, seed=seed,
                                  pipelines=_pipelines(config, device, train=False, resolution=config.image_size))
     else:  # more processes than validation images
         val_loader = []
@@ -117,6 +120,8 @@ def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device
         pipelines = _pipelines(config, device, train=True, resolution=epoch_resolution(config, 0))
         decoder = pipelines["image"][0]
         distributed = world > 1
+        if distributed:
+            _check_process_group(rank, world)
         train_loader = Loader(train_file, batch_size=config.batch_size, num_workers=workers,
                               os_cache=config.os_cache, distributed=distributed, seed=seed, drop_last=True,
                               order=OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM,
@@ -125,6 +130,18 @@ def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device
 
     info = DataInfo(config.num_classes, (3, config.image_size, config.image_size), train_size, val_size)
     return Loaders(train_loader, val_loader, info, on_epoch, batch_mixer(config, config.num_classes))
+
+
+def _check_process_group(rank: int, world: int) -> None:
+    """FFCV's distributed order splits by ``torch.distributed``'s rank and world size: they must exist and match."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"data=ffcv training with {world} processes needs an initialised torch.distributed "
+                           f"process group (FFCV splits the order by it)")
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world):
+        raise RuntimeError(f"data=ffcv: rank/world {rank}/{world} differ from torch.distributed's "
+                           f"{dist.get_rank()}/{dist.get_world_size()}")
 
 
 def _check_supported(config: DataConfig) -> None:
@@ -164,31 +181,33 @@ def _pipelines(config: DataConfig, device: torch.device, *, train: bool, resolut
     return {"image": image, "label": label}
 
 
-def _to_normalized_tensor(dtype: str, device: torch.device, *, gpu_kernel: bool | None = None) -> list:
+def _to_normalized_tensor(dtype: str, device: torch.device) -> list:
     """uint8 H×W×3 batches → normalized N×C×H×W channels-last tensors of ``dtype`` on ``device``.
 
-    On the CPU, FFCV's jitted ``NormalizeImage`` runs on the uint8 arrays (float16 comes out as int16 bits that
-    ``ToTorchImage`` views back as float16). On a GPU the uint8 batch is copied first and normalized there, by
-    ``NormalizeImage``'s CuPy kernel when CuPy is installed, else by :class:`TorchNormalize`. bfloat16 (no
-    NumPy type) is normalized in float32 and converted.
+    ``numpy`` (the CPU): FFCV's jitted ``NormalizeImage`` on the uint8 arrays (float16 comes out as int16 bits
+    that ``ToTorchImage`` views back as float16; bfloat16, which NumPy lacks, is converted from float32).
+    On a GPU the uint8 batch is copied first and normalized there: ``cupy``, ``NormalizeImage``'s CuPy kernel
+    (float32/float16, when CuPy is installed), else ``torch``, :class:`TorchNormalize`.
     """
     mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    convert = [Convert(torch.bfloat16)] if dtype == "bfloat16" else []
-    if device.type == "cpu":
+    mode = NORMALIZE_MODE or ("numpy" if device.type == "cpu" else "cupy" if dtype != "bfloat16" and _has_cupy()
+                              else "torch")
+    if mode == "numpy":
         return [NormalizeImage(mean, std, np_dtype), ToTensor(), ToDevice(device, non_blocking=True),
-                ToTorchImage(channels_last=True), *convert]
-    if gpu_kernel is None:
-        try:
-            import cupy  # noqa: F401  (NormalizeImage's GPU code needs it)
-
-            gpu_kernel = True
-        except ImportError:
-            gpu_kernel = False
+                ToTorchImage(channels_last=True), *([Convert(torch.bfloat16)] if dtype == "bfloat16" else [])]
     head = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    if gpu_kernel:
-        return [*head, NormalizeImage(mean, std, np_dtype), *convert]
+    if mode == "cupy":
+        return [*head, NormalizeImage(mean, std, np_dtype)]
     return [*head, TorchNormalize(mean, std, getattr(torch, dtype))]
+
+
+def _has_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _epoch_setter(config: DataConfig, loader: Any, decoder: Any):
@@ -213,25 +232,29 @@ def _epoch_setter(config: DataConfig, loader: Any, decoder: Any):
 
 
 class TorchNormalize(Operation):
-    """Normalize a uint8 N×C×H×W tensor with PyTorch ops on its device, to ``dtype``, channels-last
-    (FFCV's GPU normalization needs CuPy)."""
+    """Normalize a uint8 N×C×H×W tensor with PyTorch ops on its device (FFCV's GPU normalization needs CuPy),
+    into FFCV-allocated channels-last buffers of ``dtype`` (FFCV's per-slot events keep them from being reused
+    while the consumer's stream still reads them)."""
 
     def __init__(self, mean: np.ndarray, std: np.ndarray, dtype: torch.dtype):
         super().__init__()
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.dtype = dtype
+        self.device = torch.device("cpu")
 
     def generate_code(self):
-        cache: dict = {}
+        mean, std = self.mean.to(self.device), self.std.to(self.device)
 
-        def normalize(images, _):
-            if images.device not in cache:
-                cache[images.device] = (self.mean.to(images.device), self.std.to(images.device))
-            mean, std = cache[images.device]
-            return ((images.float() - mean) / std).to(self.dtype, memory_format=torch.channels_last)
+        def normalize(images, dst):
+            out = dst[:images.shape[0]].permute(0, 3, 1, 2)  # N×H×W×C storage: a channels-last view
+            out.copy_((images.float() - mean) / std)
+            return out
 
         return normalize
 
     def declare_state_and_memory(self, previous_state):
-        return replace(previous_state, jit_mode=False, dtype=self.dtype), None
+        channels, height, width = previous_state.shape
+        self.device = previous_state.device
+        return (replace(previous_state, jit_mode=False, dtype=self.dtype),
+                AllocationQuery((height, width, channels), self.dtype, self.device))
