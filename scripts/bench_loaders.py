@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs are 2..N")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/spartan_bench_loaders"))
     parser.add_argument("--loaders", nargs="+", default=["ffcv", "imagefolder", "webdataset"])
+    parser.add_argument("--os-cache", action="store_true", help="FFCV reads through the OS page cache")
+    parser.add_argument("--ffcv-write-mode", default="proportion", choices=["proportion", "jpg", "raw"],
+                        help="how the training .beton stores images (the recipe: proportion)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench_loaders_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loaders' workers do the work; the main process only collects batches
@@ -79,11 +82,14 @@ def main() -> None:
     if not (folder / "val").is_dir():
         print(f"generating {args.images} JPEGs in {folder} ...", flush=True)
         make_images(folder, args.images, args.classes)
-    if "ffcv" in args.loaders and not (args.cache / "ffcv" / "val.beton").exists():
+    ffcv_dir = args.cache / f"ffcv_{args.ffcv_write_mode}"
+    if "ffcv" in args.loaders and not (ffcv_dir / "val.beton").exists():
         from write_ffcv import write_split
 
         for split in ("train", "val"):
-            write_split(folder, split, args.cache / "ffcv" / f"{split}.beton", max_resolution=512, write_mode="jpg",
+            # FFCV's ImageNet recipe: at most 512 px, half of the training images stored as raw pixels.
+            write_split(folder, split, ffcv_dir / f"{split}.beton", max_resolution=512,
+                        write_mode=args.ffcv_write_mode if split == "train" else "jpg", compress_probability=0.5,
                         jpeg_quality=90, workers=args.workers)
     if "webdataset" in args.loaders and not (args.cache / "wds" / "val").is_dir():
         from write_webdataset import write_shards
@@ -91,12 +97,12 @@ def main() -> None:
         for split in ("train", "val"):
             write_shards(folder, split, args.cache / "wds", samples_per_shard=250)
 
-    paths = {"ffcv": args.cache / "ffcv", "imagefolder": folder, "webdataset": args.cache / "wds"}
+    paths = {"ffcv": ffcv_dir, "imagefolder": folder, "webdataset": args.cache / "wds"}
     results = {}
     for name in args.loaders:
         config = DataConfig(name=name, path=str(paths[name]), channels=3, image_size=224, hflip=True,
                             batch_size=args.batch_size, num_workers=args.workers, num_classes=args.classes,
-                            shuffle_buffer=1000)
+                            shuffle_buffer=1000, os_cache=args.os_cache)
         results[name] = time_loader(config, args.epochs)
         print(f"{name}: {results[name]['img_s']:,.0f} img/s", flush=True)
 
@@ -108,7 +114,8 @@ def main() -> None:
         lines.append(f"| {name} | {r['img_s']:,.0f} | {r['first_epoch_img_s']:,.0f} | {ratio} |")
     table = "\n".join(lines)
     print(table)
-    meta = {"images": args.images, "image_sides_px": [400, 500], "workers": args.workers,
+    meta = {"images": args.images, "image_sides_px": [400, 500], "workers": args.workers, "os_cache": args.os_cache,
+            "ffcv_write_mode": args.ffcv_write_mode,
             "batch_size": args.batch_size, "resolution": 224, "epochs": args.epochs, "torch": str(torch.__version__),
             "machine": platform.platform(), "cpus": __import__("os").cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
