@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as ImageFolder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spartan.train.data.folders import IMAGE_SUFFIXES, class_mismatch, reference_classes  # noqa: E402
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 MIN_PAGE_SIZE = 1 << 21  # FFCV's minimum page size
 MAX_PAGE_SIZE = 1 << 32  # exclusive, FFCV's limit
@@ -94,6 +96,9 @@ def find_images(data_dir: str | os.PathLike, split: str) -> tuple[list[str], lis
         raise ConversionError(f"{str(folder)!r} has no class folders (expected {split}/<class>/<image>)")
     from torchvision.datasets import ImageFolder
 
+    reference = reference_classes(root, split)
+    if reference is not None and reference != classes:
+        raise ConversionError(class_mismatch(root, split, classes, reference))
     dataset = ImageFolder(str(folder), loader=load_rgb, allow_empty=True)
     assert dataset.classes == classes, (dataset.classes, classes)
     counts = [0] * len(classes)
@@ -125,7 +130,9 @@ def _check_images(paths: Sequence[str]) -> list[str | None]:
 
 def check_images(paths: Sequence[str], workers: int, deadline: float, progress: bool = True) -> None:
     """Decode every image in ``workers`` processes; a :class:`ConversionError` naming the unreadable ones."""
-    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import TimeoutError as FuturesTimeout
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm import tqdm
 
@@ -142,16 +149,23 @@ def check_images(paths: Sequence[str], workers: int, deadline: float, progress: 
     else:
         size = max(1, min(64, len(paths) // (workers * 4)))
         chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
-        with multiprocessing.Pool(workers) as pool:  # the with block terminates the workers, even on errors
-            results = pool.imap_unordered(_check_images, chunks)
-            for _ in chunks:
-                try:
-                    problems = results.next(timeout=max(0.0, deadline - time.monotonic()))
-                except multiprocessing.TimeoutError:
-                    raise WriteFailed("checking the images did not finish within --timeout (a worker may have "
-                                      "crashed on a file)") from None
-                bad += [problem for problem in problems if problem]
-                bar.update(len(problems))
+        # A worker that dies (a decoder crash, the OOM killer) breaks the executor at once instead of leaving
+        # its chunk pending until the deadline.
+        with ProcessPoolExecutor(workers) as pool:
+            futures = {pool.submit(_check_images, chunk): chunk for chunk in chunks}
+            try:
+                for future in as_completed(futures, timeout=max(0.0, deadline - time.monotonic())):
+                    try:
+                        problems = future.result()
+                    except BrokenProcessPool:
+                        chunk = futures[future]
+                        raise WriteFailed(f"a worker died while decoding one of {chunk[0]} ... {chunk[-1]} "
+                                          f"({len(chunk)} files): check them with PIL") from None
+                    bad += [problem for problem in problems if problem]
+                    bar.update(len(problems))
+            except FuturesTimeout:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise WriteFailed("checking the images did not finish within --timeout") from None
     bar.close()
     if bad:
         bad.sort()

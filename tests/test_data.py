@@ -67,23 +67,39 @@ def test_loaders_give_normalized_batches_and_every_val_label_once(name, images, 
     assert epoch_labels(loaders.val) == {c: PER_CLASS for c in range(CLASSES)}
 
 
-@pytest.mark.parametrize("name", ["imagefolder", "webdataset"])
-def test_two_processes_split_validation_exactly(name, images, shards):
+@pytest.mark.parametrize("name, world", [("imagefolder", 2), ("webdataset", 2), ("webdataset", 6)])
+def test_processes_split_validation_exactly(name, world, images, shards):
+    # 5 validation shards: with 6 processes one gets none and must not borrow another's.
     path = images if name == "imagefolder" else shards
-    parts = [epoch_labels(build_loaders(data_config(name, path), rank=r, world=2).val) for r in range(2)]
-    assert parts[0] + parts[1] == {c: PER_CLASS for c in range(CLASSES)}
+    parts = [epoch_labels(build_loaders(data_config(name, path), rank=r, world=world).val) for r in range(world)]
+    assert sum(parts, collections.Counter()) == {c: PER_CLASS for c in range(CLASSES)}
+
+
+def test_one_webdataset_shard_feeds_two_training_processes(images, tmp_path):
+    out = tmp_path / "one"
+    for split in ("train", "val"):
+        write_shards(images, split, out, samples_per_shard=1000)
+    loaders = [build_loaders(data_config("webdataset", out), rank=r, world=2) for r in range(2)]
+    assert [len(loader.train) for loader in loaders] == [3, 3]  # 24 images // (4 × 2)
+    assert sum((epoch_labels(loader.val) for loader in loaders), collections.Counter()) == \
+        {c: PER_CLASS for c in range(CLASSES)}
 
 
 @pytest.mark.parametrize("name", ["imagefolder", "webdataset"])
 def test_an_epoch_replays_exactly(name, images, shards):
-    loaders = build_loaders(data_config(name, images if name == "imagefolder" else shards, num_workers=2))
+    loaders = build_loaders(data_config(name, images if name == "imagefolder" else shards, num_workers=2),
+                            rank=0, world=2)
 
-    def epoch(k):
+    def epoch(k, rank=0, fresh=False):
+        built = build_loaders(data_config(name, images if name == "imagefolder" else shards, num_workers=2),
+                              rank=rank, world=2) if fresh else loaders
         torch.manual_seed(123)
-        loaders.set_epoch(k)
-        return torch.cat([x for x, _ in loaders.train])
+        built.set_epoch(k)
+        return torch.cat([x for x, _ in built.train])
 
-    assert torch.equal(epoch(1), epoch(1)) and not torch.equal(epoch(1), epoch(2))
+    assert torch.equal(epoch(1), epoch(1, fresh=True))  # what a resumed run builds replays the epoch
+    assert not torch.equal(epoch(1), epoch(2))
+    assert not torch.equal(epoch(1, rank=0, fresh=True), epoch(1, rank=1, fresh=True))
 
 
 def test_augmentation_options_run(images):
@@ -133,13 +149,15 @@ def test_corrupt_images_are_skipped_by_name(tmp_path):
     out = tmp_path / "shards"
     write_shards(root, "train", out)
     write_shards(root, "val", out)
-    # 5 batches of 5 from 24 readable samples: the stream must pass the broken one (and cycle on).
+    # 5 batches of 5 drawn from the 25 samples of one pass: exactly one pass, broken sample included.
     loaders = build_loaders(data_config("webdataset", out, batch_size=5, shuffle_buffer=1))
     loaders.set_epoch(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        seen = sum(len(y) for _, y in loaders.train)
-    assert seen == len(loaders.train) * 5 == 25 and any("skipping unreadable sample" in str(w.message) for w in caught)
+        labels = torch.cat([y for _, y in loaders.train])
+    assert len(labels) == 24  # 25 drawn, the unreadable one dropped from its batch
+    assert any("skipping unreadable sample" in str(w.message) for w in caught)
+    assert collections.Counter(labels.tolist()) == {c: PER_CLASS for c in range(CLASSES)}  # nothing shifted
 
 
 def test_missing_and_empty_data_are_clear_errors(tmp_path):
@@ -156,7 +174,7 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path):
         build_loaders(data_config("webdataset", tmp_path / "empty"))
     done = run_cli("scripts/write_webdataset.py", "--data-dir", str(tmp_path / "nope"), "--split", "train",
                    "--out", str(tmp_path / "o"), cwd=tmp_path)
-    assert done.returncode == 1 and "error: --data-dir" in done.stderr
+    assert done.returncode == 2 and "error: --data-dir" in done.stderr
 
 
 @pytest.mark.parametrize("name", ["imagefolder", "webdataset", "ffcv"])
@@ -180,3 +198,109 @@ def test_ffcv_and_webdataset_are_imported_only_when_selected(tmp_path):
             "assert not {'ffcv', 'webdataset'} & set(sys.modules), sorted({'ffcv', 'webdataset'} & set(sys.modules))")
     done = run_cli("-c", code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_splits_with_different_classes_are_refused(tmp_path):
+    root = write_image_folder(tmp_path / "images", CLASSES, 2)
+    for child in (root / "val" / "n00000001").iterdir():
+        child.unlink()
+    (root / "val" / "n00000001").rmdir()  # val/ lacks a class: its later classes would get shifted labels
+    with pytest.raises(ConfigError, match="different class folders"):
+        write_shards(root, "val", tmp_path / "wds")
+    with pytest.raises(Exception, match="different class folders"):
+        write_split(root, "val", tmp_path / "val.beton", workers=1, progress=False, timeout=60)
+    with pytest.raises(ConfigError, match="different class folders"):
+        build_loaders(data_config("imagefolder", root))
+    assert not (tmp_path / "val.beton").exists()
+
+
+def test_webdataset_refuses_stale_shards_and_reports_unusable_ones(images, tmp_path):
+    out = tmp_path / "wds"
+    write_shards(images, "val", out)
+    with pytest.raises(ConfigError, match="already holds shards"):
+        write_shards(images, "val", out)
+    import webdataset as wds
+
+    (out / "train").mkdir()
+    with wds.ShardWriter(str(out / "train" / "shard-%06d.tar"), maxcount=100, verbose=0) as sink:
+        for i in range(8):  # a label under another key: no sample is usable, every batch comes back empty
+            sink.write({"__key__": f"{i:04d}", "jpg": b"x", "label": b"1"})
+    loaders = build_loaders(data_config("webdataset", out, train_size=8))
+    loaders.set_epoch(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert next(iter(loaders.train)) is None  # which the trainer reports (test_all_unreadable_batch...)
+    for shard in (out / "train").iterdir():
+        shard.write_bytes(b"not a tar file")  # no sample at all: the cycling stream must stop, not spin
+    loaders = build_loaders(data_config("webdataset", out, train_size=8))
+    loaders.set_epoch(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="no sample in 2 WebDataset shards read in a row"):
+            next(iter(loaders.train))
+
+
+def test_evaluation_needs_only_the_validation_split(images, betons, tmp_path):
+    import shutil
+
+    shutil.copytree(images / "val", tmp_path / "folder" / "val")
+    assert build_loaders(data_config("imagefolder", tmp_path / "folder"), train=False).info.val_size == 24
+    (tmp_path / "ffcv").mkdir()
+    shutil.copy(betons / "val.beton", tmp_path / "ffcv" / "val.beton")
+    assert build_loaders(data_config("ffcv", tmp_path / "ffcv"), train=False).info.val_size == 24
+
+
+def test_config_values_that_would_fail_later_are_refused():
+    with pytest.raises(ConfigError, match="randaugment_magnitude"):
+        DataConfig(randaugment_magnitude=40)
+    with pytest.raises(ConfigError, match="ramp_end_epoch"):
+        DataConfig(min_res=160)
+    with pytest.raises(ConfigError, match="data.path"):
+        DataConfig(name="imagefolder", train_path="/a", val_path="/b")
+    from spartan.train.loop import resolve_amp
+
+    with pytest.raises(ConfigError, match="data.dtype=bfloat16 needs mixed precision"):
+        resolve_amp("auto", torch.device("cpu"), "bfloat16")
+
+
+def test_all_unreadable_batch_is_a_clear_error(tmp_path):
+    root = write_image_folder(tmp_path / "images", 2, 2)
+    for path in (root / "train").rglob("*.JPEG"):
+        path.write_bytes(b"not a jpeg")
+    config = compose_train("logger=none", "model=resnet18", "data=imagefolder", f"data.path={root}",
+                           "data.image_size=32", "data.batch_size=2", "data.num_classes=2", "schedule.epochs=1")
+    from spartan.train.loop import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="every image of a training batch"):
+            train(config, tmp_path / "run")
+
+
+def test_skipped_images_are_counted_in_the_metrics(tmp_path):
+    root = write_image_folder(tmp_path / "images", CLASSES, PER_CLASS)
+    (root / "train" / "n00000002" / "0.JPEG").write_bytes(b"broken")
+    config = compose_train("logger=none", "model=resnet18", "data=imagefolder", f"data.path={root}",
+                           "data.image_size=32", "data.batch_size=8", f"data.num_classes={CLASSES}",
+                           "schedule.epochs=1")
+    from spartan.train.loop import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(config, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in records if r["kind"] == "data"] == [1]
+
+
+def test_ffcv_epochs_that_leave_batches_over_release_their_loader_threads(betons, tmp_path):
+    import threading
+
+    from spartan.train.loop import train
+
+    # 24 images in batches of 2 = 12 batches; 9 per accumulated step leaves 3 over every epoch.
+    config = compose_train("logger=none", "model=resnet18", "data=ffcv", f"data.path={betons}", "data.image_size=32",
+                           "data.batch_size=2", "data.num_workers=1", f"data.num_classes={CLASSES}",
+                           "trainer.accumulate=9", "schedule.epochs=3", "schedule.warmup_epochs=0")
+    before = threading.active_count()
+    train(config, tmp_path / "run")
+    assert threading.active_count() <= before + 1  # not one abandoned producer thread per epoch

@@ -114,6 +114,11 @@ class DataConfig:
         for key in ("channels", "image_size", "num_classes", "repeated_augment", "randaugment_ops",
                     "shuffle_buffer"):
             _positive_int(f"data.{key}", getattr(self, key))
+        if not 0 <= self.randaugment_magnitude <= 30:
+            raise ConfigError(f"data.randaugment_magnitude must be in [0, 30], got {self.randaugment_magnitude!r}")
+        if self.min_res is not None and self.ramp_end_epoch <= 0:
+            raise ConfigError(f"data.min_res={self.min_res} needs data.ramp_end_epoch > 0 (the epoch at which the "
+                              f"resolution reaches data.image_size), got {self.ramp_end_epoch}")
         for key in ("val_crop_ratio", "min_scale"):
             if not 0 < getattr(self, key) <= 1:
                 raise ConfigError(f"data.{key} must be in (0, 1], got {getattr(self, key)!r}")
@@ -127,7 +132,9 @@ class DataConfig:
         if self.ramp_end_epoch < self.ramp_start_epoch:
             raise ConfigError(f"data.ramp_end_epoch must be >= data.ramp_start_epoch = {self.ramp_start_epoch}, "
                               f"got {self.ramp_end_epoch}")
-        if self.name in ("imagefolder", "ffcv", "webdataset"):
+        if self.name == "imagefolder" and not self.path:
+            raise ConfigError(f"data.path must name a dataset folder for data={self.name}, got {self.path!r}")
+        if self.name in ("ffcv", "webdataset"):
             if not self.path and not (self.train_path and self.val_path):
                 raise ConfigError(f"data.path must name a dataset folder for data={self.name}, got {self.path!r}")
         if self.name == "synthetic" and (self.train_size is None or self.val_size is None):

@@ -63,7 +63,8 @@ def evaluate_run(config: TrainConfig, run_dir: Path, weights: Path) -> dict[str,
     model, what = load_model(config, weights, loaders.info.num_classes, device)
     memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)  # as in training: kernels and thus rounding follow the layout
-    metrics = evaluate(model, loaders.val, device, resolve_amp(config.trainer.amp, device), memory_format)
+    amp = resolve_amp(config.trainer.amp, device, config.data.dtype)
+    metrics = evaluate(model, loaders.val, device, amp, memory_format)
     report = measure_sparsity(model, config.sparsity, loaders.info.input_shape)
     result = {"weights": str(weights), "evaluated": what, "val_top1": metrics["top1"], "val_top5": metrics["top5"],
               "val_loss": metrics["loss"], "images": metrics["images"], **report["totals"],

@@ -52,13 +52,19 @@ def resolve_device(name: str, process: Process) -> torch.device:
     return torch.device(name)
 
 
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: ``auto`` is bf16 on CUDA and full precision on CPU."""
+def resolve_amp(mode: str, device: torch.device, input_dtype: str = "float32") -> torch.dtype | None:
+    """The autocast dtype: ``auto`` is bf16 on CUDA and full precision on CPU. Half-precision input
+    (``data.dtype``) needs autocast: the model's weights stay float32."""
     if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if mode == "fp16" and device.type != "cuda":
+        amp = torch.bfloat16 if device.type == "cuda" else None
+    elif mode == "fp16" and device.type != "cuda":
         raise ConfigError(f"trainer.amp=fp16 needs a CUDA device, trainer.device resolves to {device}")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    else:
+        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+    if amp is None and input_dtype != "float32":
+        raise ConfigError(f"data.dtype={input_dtype} needs mixed precision (trainer.amp=bf16 or fp16), but trainer.amp="
+                          f"{mode} runs in float32 on {device}")
+    return amp
 
 
 def build_sparsifier(model: nn.Module, config: SparsityConfig, total_steps: int,
@@ -89,7 +95,7 @@ class Run:
         trainer = config.trainer
         # ---- checks and construction; nothing is written before this block completes
         self.device = resolve_device(trainer.device, self.process)
-        self.amp_dtype = resolve_amp(trainer.amp, self.device)
+        self.amp_dtype = resolve_amp(trainer.amp, self.device, config.data.dtype)
         # Rank 0 decides (the ranks' filesystems may differ); a fresh run must not overwrite an earlier one.
         resume_path = resolve_resume(config.resume, self.run_dir) if self.process.is_main else None
         if broadcast_flag(resume_path is not None) and not self.process.is_main:
@@ -218,7 +224,11 @@ class Run:
         batches = iter(self.loaders.train)
         for _ in range(self.steps_per_epoch):
             for micro in range(trainer.accumulate):
-                images, labels = next(batches)
+                batch = next(batches)
+                if batch is None:  # the skipping loaders' signal: not one image of the batch was readable
+                    raise RuntimeError(f"every image of a training batch of {self.config.data.batch_size} was "
+                                       f"unreadable (the warnings above name them): fix the data")
+                images, labels = batch
                 skipped += self.config.data.batch_size - len(labels)  # unreadable images the loader dropped
                 images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
                 labels = labels.to(self.device, non_blocking=True)
@@ -250,6 +260,8 @@ class Run:
             bar.update(1)
             if self.progress.step % trainer.log_every == 0 or window["steps"] == self.steps_per_epoch:
                 self._log_train(epoch, window, telemetry, bar)
+        for _ in batches:  # finish the epoch's iterator (its last batches don't fill an accumulation): FFCV's
+            pass  # producer thread and buffers are only released at the end
         bar.close()
         seconds = time.perf_counter() - epoch_start
         self.progress.train_seconds += seconds
@@ -350,7 +362,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    for images, targets in loader:
+    for batch in loader:
+        if batch is None:  # every image of this batch was unreadable (skipped with warnings)
+            continue
+        images, targets = batch
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast:

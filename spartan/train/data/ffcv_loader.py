@@ -41,7 +41,7 @@ from ffcv.transforms import (Convert, NormalizeImage, RandomHorizontalFlip, Sque
                              ToTorchImage)
 
 from spartan.train.config import ConfigError, DataConfig
-from spartan.train.data.loaders import DataInfo, Loaders
+from spartan.train.data.loaders import DataInfo, Loaders, order_seed
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, batch_mixer
 
 RESOLUTION_STEP = 32
@@ -65,11 +65,12 @@ def epoch_resolution(config: DataConfig, epoch: int) -> int:
     return int(min(high, max(low, int(res) // RESOLUTION_STEP * RESOLUTION_STEP)))
 
 
-def beton_files(config: DataConfig) -> tuple[str, str]:
+def beton_files(config: DataConfig, train: bool = True) -> tuple[str | None, str]:
     """``(train file, val file)``: ``data.train_path`` / ``data.val_path``, else ``<data.path>/train.beton`` /
-    ``<data.path>/val.beton``; a :class:`ConfigError` naming the key for a missing file."""
-    files = []
-    for split in ("train", "val"):
+    ``<data.path>/val.beton``; a :class:`ConfigError` naming the key for a missing file. Without ``train`` the
+    training file is neither needed nor resolved (None)."""
+    files: list[str | None] = [] if train else [None]
+    for split in ("train", "val") if train else ("val",):
         explicit = getattr(config, f"{split}_path")
         if explicit:
             if not Path(explicit).is_file():
@@ -91,9 +92,7 @@ def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device
                  train: bool) -> Loaders:
     """The FFCV training (``train=True``) and validation loaders of process ``rank`` of ``world``."""
     _check_supported(config)
-    train_file, val_file = beton_files(config)
-    if not train:  # evaluation needs the validation file only
-        train_file = None
+    train_file, val_file = beton_files(config, train)
     val_reader = Reader(val_file)
     _check_fields(val_reader, "val", config)
     val_size = int(val_reader.num_samples)
@@ -123,7 +122,8 @@ def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device
         if distributed:
             _check_process_group(rank, world)
         train_loader = Loader(train_file, batch_size=config.batch_size, num_workers=workers,
-                              os_cache=config.os_cache, distributed=distributed, seed=seed, drop_last=True,
+                              os_cache=config.os_cache, distributed=distributed, seed=order_seed(seed),
+                              drop_last=True,
                               order=OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM,
                               pipelines=pipelines)
         on_epoch = _epoch_setter(config, train_loader, decoder)

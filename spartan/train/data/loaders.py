@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from spartan.train.config import ConfigError, DataConfig
-from spartan.train.data.folders import SkippingImageFolder, class_folders, skip_unreadable
+from spartan.train.data.folders import (SkippingImageFolder, class_folders, class_mismatch, reference_classes,
+                                        skip_unreadable)
 from spartan.train.data.samplers import RepeatedAugmentSampler, ShardSampler
 from spartan.train.data.transforms import batch_mixer, train_transform, val_transform
 
@@ -37,7 +38,7 @@ class Loaders:
             self.on_epoch(epoch)
 
 
-def check_data(config: DataConfig) -> None:
+def check_data(config: DataConfig, train: bool = True) -> None:
     """Raise :class:`ConfigError` for data that cannot be read, before anything is built or written."""
     if config.name == "digits" and (config.image_size, config.channels) != (8, 1):
         raise ConfigError(f"data=digits has 1×8×8 images: data.image_size must be 8 and data.channels 1, got "
@@ -45,14 +46,14 @@ def check_data(config: DataConfig) -> None:
     if config.name in ("imagefolder", "ffcv", "webdataset") and config.channels != 3:
         raise ConfigError(f"data={config.name} decodes RGB images: data.channels must be 3, got {config.channels}")
     if config.name == "imagefolder":
-        for split in ("train", "val"):
+        for split in ("train", "val") if train else ("val",):
             class_folders(Path(config.path), split)
 
 
 def build_loaders(config: DataConfig, *, rank: int = 0, world: int = 1, seed: int = 0,
                   device: torch.device | None = None, train: bool = True) -> Loaders:
     """Loaders for ``config``; ``train=False`` builds the validation loader only (evaluation)."""
-    check_data(config)
+    check_data(config, train)
     device = device or torch.device("cpu")
     if config.name == "ffcv":
         from spartan.train.data.ffcv_loader import ffcv_loaders
@@ -77,6 +78,12 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch, 1]).generate_state(1)[0])
 
 
+def order_seed(seed: int) -> int:
+    """The seed of the shuffled order (which adds the epoch): hashed, so run seeds 0 and 1 do not draw
+    the same orders one epoch apart."""
+    return int(np.random.SeedSequence([seed, 2]).generate_state(1)[0])
+
+
 def torch_loaders(config: DataConfig, train_set: Dataset | None, val_set: Dataset, num_classes: int, *, rank: int,
                   world: int, seed: int, device: torch.device, collate: Callable | None = None) -> Loaders:
     """DataLoaders over map-style datasets: a training shard per process reshuffled by ``(seed, epoch)``, worker
@@ -92,9 +99,10 @@ def torch_loaders(config: DataConfig, train_set: Dataset | None, val_set: Datase
         raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the "
                           f"{len(train_set)} training images of data={config.name}")
     if config.repeated_augment > 1:
-        sampler = RepeatedAugmentSampler(len(train_set), rank, world, config.repeated_augment, seed)
+        sampler = RepeatedAugmentSampler(len(train_set), rank, world, config.repeated_augment, order_seed(seed))
     else:
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=order_seed(seed),
+                                     drop_last=True)
     generator = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
                               generator=generator, collate_fn=collate, **workers)
@@ -115,8 +123,9 @@ def _datasets(config: DataConfig, train: bool) -> tuple[Dataset | None, Dataset,
                 SyntheticImages(config, config.val_size, offset=config.train_size), config.num_classes)
     root = Path(config.path)
     classes = class_folders(root, "val")
-    if train and class_folders(root, "train") != classes:
-        raise ConfigError(f"data.path {str(root)!r}: train/ and val/ have different class folders")
+    reference = reference_classes(root, "val")
+    if reference is not None and reference != classes:
+        raise ConfigError(f"data.path: {class_mismatch(root, 'val', classes, reference)}")
     train_set = SkippingImageFolder(str(root / "train"), transform=train_transform(config)) if train else None
     return train_set, SkippingImageFolder(str(root / "val"), transform=val_transform(config)), len(classes)
 

@@ -4,8 +4,8 @@ Training: every epoch the shard list is shuffled by ``(seed, epoch)`` and dealt 
 world]``) and then to DataLoader workers; samples pass a shuffle buffer; each process yields exactly
 ``train_size // (batch_size × processes)`` batches per epoch (its shards are cycled if they run short), so
 all processes take the same number of steps. Validation: each process reads its shards once, so every image
-is evaluated exactly once. Unreadable images are skipped with a warning naming shard and key. Imported only
-with ``data=webdataset``.
+is evaluated exactly once. Unreadable images are skipped with a warning naming shard and key (their batch is
+one image smaller, as with ImageFolder). Imported only with ``data=webdataset``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from spartan.train.config import ConfigError, DataConfig
+from spartan.train.data.folders import UNREADABLE, skip_unreadable
 from spartan.train.data.loaders import DataInfo, Loaders, epoch_seed, worker_options
 from spartan.train.data.transforms import batch_mixer, train_transform, val_transform
 
@@ -65,10 +66,12 @@ class ShardStream(IterableDataset):
     ``(seed, epoch, pass)``, split over workers, shuffled in a buffer; ``cycle`` repeats the shards forever."""
 
     def __init__(self, shards: list[str], rank: int, world: int, seed: int, transform: Callable, *, cycle: bool,
-                 shuffle_buffer: int):
+                 shuffle_buffer: int, num_classes: int):
         self.shards, self.rank, self.world, self.seed = shards, rank, world, seed
         self.transform, self.cycle, self.shuffle_buffer = transform, cycle, shuffle_buffer
+        self.num_classes = num_classes
         self.epoch = 0
+        self.shards_since_sample = 0  # per worker: a cycling stream that reads no sample must fail, not spin
 
     def _urls(self) -> Iterator[dict[str, str]]:
         passes = range(10**9) if self.cycle else range(1)
@@ -76,19 +79,35 @@ class ShardStream(IterableDataset):
             order = list(self.shards)
             if self.cycle:
                 random.Random(epoch_seed(self.seed, n, self.epoch)).shuffle(order)
-            mine = order[self.rank::self.world] or order[self.rank % len(order)::len(order)]
+            mine = order[self.rank::self.world]
+            if self.cycle and not mine:  # fewer shards than processes: training reuses one, validation must not
+                mine = order[self.rank % len(order)::len(order)]
             yield from ({"url": url} for url in mine)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
-        stages: list[Any] = [self._urls, wds.split_by_worker, wds.tarfile_to_samples(handler=_warn_and_skip)]
+    def _count_shards(self, urls: Iterator[dict[str, str]]) -> Iterator[dict[str, str]]:
+        for url in urls:
+            self.shards_since_sample += 1
+            if self.cycle and self.shards_since_sample > 2 * len(self.shards):
+                raise RuntimeError(f"no sample in {self.shards_since_sample - 1} WebDataset shards read in a row, "
+                                   f"e.g. {url['url']}: are they readable tar files?")
+            yield url
+
+    def _saw_sample(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            self.shards_since_sample = 0
+            yield sample
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | str]:
+        stages: list[Any] = [self._urls, wds.split_by_worker, self._count_shards,
+                             wds.tarfile_to_samples(handler=_warn_and_skip), self._saw_sample]
         if self.shuffle_buffer > 1 and self.cycle:
             # Seeded from this worker's torch seed (the DataLoader derives it from the epoch's generator).
             stages.append(wds.shuffle(self.shuffle_buffer, initial=min(1000, self.shuffle_buffer),
                                       seed=torch.initial_seed() % 2**63))
-        stages += [wds.map(self._decode), wds.select(lambda s: s is not None)]
+        stages.append(wds.map(self._decode))
         return iter(wds.DataPipeline(*stages))
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int] | None:
+    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int] | str:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         try:
             if key is None or "cls" not in sample:
@@ -99,7 +118,10 @@ class ShardStream(IterableDataset):
         except (OSError, ValueError, SyntaxError) as err:
             warnings.warn(f"skipping unreadable sample {sample.get('__key__')} in {sample.get('__url__')}: {err}",
                           stacklevel=1)
-            return None
+            return UNREADABLE  # dropped by the collate function, which shrinks the batch (counted by the trainer)
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has label {label}, outside "
+                             f"data.num_classes={self.num_classes}")
         return self.transform(image), label
 
 
@@ -125,10 +147,15 @@ class FixedBatches:
 
 def webdataset_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device: torch.device,
                        train: bool) -> Loaders:
+    if config.repeated_augment > 1:
+        raise ConfigError(f"data.repeated_augment={config.repeated_augment} is not available with data=webdataset "
+                          f"(use data=imagefolder)")
     workers = worker_options(config, device)
     workers["persistent_workers"] = False  # the epoch's shard order reaches workers when they start
+    workers["collate_fn"] = skip_unreadable
     val_shards = shard_list(config, "val")
-    val_stream = ShardStream(val_shards, rank, world, seed, val_transform(config), cycle=False, shuffle_buffer=0)
+    val_stream = ShardStream(val_shards, rank, world, seed, val_transform(config), cycle=False, shuffle_buffer=0,
+                             num_classes=config.num_classes)
     val_loader = DataLoader(val_stream, batch_size=config.val_batch_size or config.batch_size, **workers)
     val_size = config.val_size or count_samples(val_shards)
     shape = (config.channels, config.image_size, config.image_size)
@@ -141,7 +168,7 @@ def webdataset_loaders(config: DataConfig, *, rank: int, world: int, seed: int, 
         raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the {train_size} "
                           f"training images of data=webdataset")
     stream = ShardStream(train_shards, rank, world, seed, train_transform(config), cycle=True,
-                         shuffle_buffer=config.shuffle_buffer)
+                         shuffle_buffer=config.shuffle_buffer, num_classes=config.num_classes)
     generator = torch.Generator()
     loader = DataLoader(stream, batch_size=config.batch_size, generator=generator, **workers)
 
