@@ -24,10 +24,10 @@ register(ConfigStore.instance())
 def main(cfg: DictConfig) -> float | None:
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
-    files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
-             ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra_config.overrides.task))}
     try:
         config = cli.to_dataclass(cfg, OmegaConf.to_object)
+        files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+                 ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra_config.overrides.task))}
         summary = train(config, run_dir, files=files, run_config=OmegaConf.to_container(cfg, resolve=True))
     except ConfigError:
         with contextlib.suppress(OSError):
