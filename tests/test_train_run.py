@@ -172,6 +172,17 @@ def test_forced_online_wandb_without_a_key_fails_before_writing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
+    # A key is configured but the server cannot be reached (a compute node without network).
+    env = {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    done = run_cli("train.py", "schedule.epochs=1", "logger.init_timeout=3", f"hydra.run.dir={tmp_path / 'run'}",
+                   cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "W&B: offline (online start failed" in done.stdout + done.stderr
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert "0" * 40 not in (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+
+
 def test_resume_auto_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_digits):
     run_dir = tmp_path / "run"
     train(compose_train(*tiny_digits, "schedule.epochs=3", "trainer.stop_after_epochs=1"), run_dir)

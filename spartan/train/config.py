@@ -239,10 +239,12 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: str = "auto"
+    init_timeout: float = 60.0  # seconds an online start may take before auto mode falls back to offline
 
     def __post_init__(self) -> None:
         _choice("logger.name", self.name, LOGGERS)
         _choice("logger.mode", self.mode, WANDB_MODES)
+        _finite("logger.init_timeout", self.init_timeout, 0.0, low_inclusive=False)
 
 
 @dataclass

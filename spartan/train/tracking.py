@@ -123,11 +123,13 @@ def _start_wandb(config: LoggerConfig, mode: str, run_dir: Path, run_name: str, 
     kwargs = dict(project=config.project, entity=config.entity, group=config.group, tags=list(config.tags),
                   name=run_name, dir=str(run_dir), config=run_config, id=run_id, resume="allow")
     try:
-        run = wandb.init(mode=mode, settings=wandb.Settings(quiet=True, init_timeout=60), **kwargs)
+        run = wandb.init(mode=mode, settings=wandb.Settings(quiet=True, init_timeout=config.init_timeout), **kwargs)
     except Exception as err:  # an unreachable server must not stop training when offline logging is possible
         if mode != "online" or config.mode == "online":
             raise
         note = f"offline (online start failed: {type(err).__name__}): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
+        kwargs["id"] = uuid.uuid4().hex[:12]  # W&B's service still holds the failed run's id
+        id_file.write_text(kwargs["id"])
         run = wandb.init(mode="offline", settings=wandb.Settings(quiet=True), **kwargs)
     if mode == "online" and note is None:
         note = run.url
