@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from spartan.allocation import ACCOUNTINGS, ALLOCATIONS
 from spartan.costs import COST_MODELS
@@ -78,3 +79,20 @@ class SparsityConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
+    """``(dotted path, a's value, b's value)`` of the first place two nested dicts/lists differ.
+
+    Dict keys are visited in ``a``'s order (a schema's field order: the first field is the most telling), then
+    ``b``'s extra keys; lists of equal length element by element; anything else is compared whole.
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for k, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return first_difference(x, y, f"{path}[{k}]")
+    return path, a, b

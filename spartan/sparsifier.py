@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from spartan.allocation import layer_densities, masked_density
-from spartan.config import SparsityConfig
+from spartan.config import SparsityConfig, first_difference
 from spartan.costs import cost_factors, flops_per_weight
 from spartan.layers import MaskedTensor, find_masked_tensors
 from spartan.masking import GradientCorrection, masked_weight, spartan_weight, straight_through_weight
@@ -377,8 +377,9 @@ class Sparsifier:
         """Restore from :meth:`state_dict`. Load the model's weights first: masks are rebuilt from them."""
         mine, theirs = self._fingerprint(), state.get("fingerprint")
         if theirs != mine:
-            diff = _first_difference(theirs, mine)
-            raise ValueError(f"sparsifier state does not match this model/config: {diff}")
+            path, saved, this = first_difference(theirs, mine)
+            raise ValueError(f"sparsifier state does not match this model/config: {path or 'state'}: saved "
+                             f"{saved!r}, this run {this!r}")
         if state["finalized"]:
             raise ValueError("sparsifier state is from a finalized run; there is nothing to resume")
         self.step_count = state["step"]
@@ -432,15 +433,3 @@ def _density_report(model: nn.Module, tensors: list[MaskedTensor], kept: list[in
         totals.update(flops_dense=dense, flops_sparse=sum(r["flops_sparse"] for r in layers))
         totals["flops_reduction"] = dense / max(totals["flops_sparse"], 1)
     return {"layers": layers, "totals": totals}
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b), key=str):
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for k, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return _first_difference(x, y, f"{path}[{k}]")
-    return f"{path or 'state'}: saved {a!r}, this run {b!r}"

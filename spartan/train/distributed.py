@@ -72,11 +72,6 @@ def broadcast_flag(flag: bool) -> bool:
     return box[0]
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -43,7 +43,7 @@ def load_model(config: TrainConfig, weights: Path, num_classes: int, device: tor
     if isinstance(state, dict) and state.get("format") == FORMAT:
         checkpoint = state
         total_steps = checkpoint["sparsifier"]["fingerprint"]["total_steps"]
-        sparsifier = build_sparsifier(model, config.sparsity, total_steps, torch.optim.SGD(model.parameters(), lr=0))
+        sparsifier = build_sparsifier(model, config.sparsity, total_steps)
         model.load_state_dict(checkpoint["model"])
         sparsifier.load_state_dict(checkpoint["sparsifier"])
         return sparsifier.finalize(), f"training checkpoint at step {checkpoint['step']}, finalized"

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from spartan import Sparsifier, SparsityConfig
+from spartan.config import first_difference
 from spartan.train.checkpoint import (FORMAT, LAST, atomic_save, check_fresh_run_dir, environment, git_version,
                                       load_checkpoint, resolve_resume, seed_everything, truncate_metrics)
 from spartan.train.config import ConfigError, TrainConfig
@@ -68,7 +69,7 @@ def resolve_amp(mode: str, device: torch.device, input_dtype: str = "float32") -
 
 
 def build_sparsifier(model: nn.Module, config: SparsityConfig, total_steps: int,
-                     optimizer: torch.optim.Optimizer) -> Sparsifier:
+                     optimizer: torch.optim.Optimizer | None = None) -> Sparsifier:
     try:
         return Sparsifier(model, config, total_steps, optimizer=optimizer)
     except ValueError as err:  # e.g. a block that does not divide a layer; name the config group
@@ -160,18 +161,18 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "sparsifier": self.sparsifier.state_dict(),
                 "amp": str(self.amp_dtype),
-                "train_config": _plain(dataclasses.asdict(self.config)), "config": _plain(self.run_config),
+                "train_config": dataclasses.asdict(self.config), "config": self.run_config,
                 "steps_per_epoch": self.steps_per_epoch, "val": self.val_metrics, "git": git_version(),
                 "env": environment(self.process.world)}
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
-        saved, mine = state["train_config"], _plain(dataclasses.asdict(self.config))
+        saved, mine = state["train_config"], dataclasses.asdict(self.config)  # tuples survive torch.save/load
         for section in RESUME_MUST_MATCH:
             if saved[section] != mine[section]:
-                key = _first_difference(saved[section], mine[section], section)
-                raise ConfigError(f"resume: {path} was trained with {key[0]}={key[1]!r}, this run has "
-                                  f"{key[0]}={key[2]!r} (resume with the same value, or start a new run)")
+                key, before, now = first_difference(saved[section], mine[section], section)
+                raise ConfigError(f"resume: {path} was trained with {key}={before!r}, this run has "
+                                  f"{key}={now!r} (resume with the same value, or start a new run)")
         if state["amp"] != str(self.amp_dtype):
             raise ConfigError(f"resume: {path} was trained with autocast dtype {state['amp']}, trainer.amp="
                               f"{self.config.trainer.amp} gives {self.amp_dtype} here (keep the precision)")
@@ -299,13 +300,11 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate(model, self.loaders.val, self.device, self.amp_dtype, self.memory_format)
-
-    def validate(self, epoch: int, kind: str) -> dict[str, float]:
+    def validate(self, epoch: int, kind: str) -> dict[str, Any]:
+        """Evaluate and log (metrics in ``self.val_metrics``); return the sparsity report it logged."""
         _sync_buffers(self.model)  # BatchNorm statistics drift apart per rank; evaluate rank 0's
-        self.val_metrics = self.evaluate(self.compiled if kind == "val" else self.model)
+        model = self.compiled if kind == "val" else self.model
+        self.val_metrics = evaluate(model, self.loaders.val, self.device, self.amp_dtype, self.memory_format)
         report = self.sparsifier.report(self.loaders.info.input_shape)
         self.metrics.log({"kind": kind, "epoch": epoch, **self.val_metrics,
                           "sparsity_all": report["totals"]["sparsity_all"],
@@ -315,7 +314,7 @@ class Run:
         if self.is_main:
             log.info(f"epoch {epoch} {kind}: top-1 {100 * self.val_metrics['top1']:.2f}%, top-5 "
                      f"{100 * self.val_metrics['top5']:.2f}%, loss {self.val_metrics['loss']:.4f}")
-        return self.val_metrics
+        return report
 
     def save_checkpoint(self) -> None:
         _sync_buffers(self.model)
@@ -327,9 +326,8 @@ class Run:
     def finish(self) -> dict[str, Any]:
         """Bake the masks in, validate the plain sparse model, write ``model_final.pt`` and ``summary.json``."""
         model = self.sparsifier.finalize()
-        _sync_buffers(model)
-        final = self.validate(self.config.schedule.epochs, "final")
-        totals = self.sparsifier.report(self.loaders.info.input_shape)["totals"]
+        totals = self.validate(self.config.schedule.epochs, "final")["totals"]
+        final = self.val_metrics
         summary = {"val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"],
                    "sparsity_target": self.config.sparsity.target if self.config.sparsity.method != "dense" else 0.0,
                    "sparsity_all": totals["sparsity_all"], "sparsity_masked": totals["sparsity_masked"],
@@ -385,23 +383,6 @@ def _sync_buffers(model: nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
-
-
-def _plain(value: Any) -> Any:
-    """Tuples → lists, so configs compare equal after a save/load round trip."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in [*a, *(k for k in b if k not in a)]:  # schema order: the first field is the most telling
-            if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{path}.{key}")
-    return path, a, b
 
 
 def format_summary(summary: dict[str, Any], run_dir: Path, wandb_note: str | None = None) -> str:

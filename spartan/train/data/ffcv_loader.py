@@ -41,7 +41,7 @@ from ffcv.transforms import (Convert, NormalizeImage, RandomHorizontalFlip, Sque
                              ToTorchImage)
 
 from spartan.train.config import ConfigError, DataConfig
-from spartan.train.data.loaders import DataInfo, Loaders, order_seed
+from spartan.train.data.loaders import DataInfo, Loaders, check_batch_fits, order_seed
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, batch_mixer
 
 RESOLUTION_STEP = 32
@@ -113,9 +113,7 @@ def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device
         train_reader = Reader(train_file)
         _check_fields(train_reader, "train", config)
         train_size = int(train_reader.num_samples)
-        if train_size < config.batch_size * world:
-            raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the "
-                              f"{train_size} training images of {train_file}")
+        check_batch_fits(config, world, train_size, train_file)
         pipelines = _pipelines(config, device, train=True, resolution=epoch_resolution(config, 0))
         decoder = pipelines["image"][0]
         distributed = world > 1

@@ -68,6 +68,13 @@ def build_loaders(config: DataConfig, *, rank: int = 0, world: int = 1, seed: in
                          collate=skip_unreadable if config.name == "imagefolder" else None)
 
 
+def check_batch_fits(config: DataConfig, world: int, train_size: int, source: str) -> None:
+    """One global batch must fit in the training set (drop_last would leave an epoch without a step)."""
+    if train_size < config.batch_size * world:
+        raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the {train_size} "
+                          f"training images of {source}")
+
+
 def worker_options(config: DataConfig, device: torch.device) -> dict[str, Any]:
     return {"num_workers": config.num_workers, "pin_memory": config.pin_memory and device.type == "cuda",
             "persistent_workers": config.persistent_workers and config.num_workers > 0}
@@ -95,9 +102,7 @@ def torch_loaders(config: DataConfig, train_set: Dataset | None, val_set: Datase
                             sampler=ShardSampler(len(val_set), rank, world), collate_fn=collate, **workers)
     if train_set is None:
         return Loaders(None, val_loader, info)
-    if len(train_set) < config.batch_size * world:
-        raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the "
-                          f"{len(train_set)} training images of data={config.name}")
+    check_batch_fits(config, world, len(train_set), f"data={config.name}")
     if config.repeated_augment > 1:
         sampler = RepeatedAugmentSampler(len(train_set), rank, world, config.repeated_augment, order_seed(seed))
     else:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from spartan.train.config import ConfigError, DataConfig
 from spartan.train.data.folders import UNREADABLE, skip_unreadable
-from spartan.train.data.loaders import DataInfo, Loaders, epoch_seed, worker_options
+from spartan.train.data.loaders import DataInfo, Loaders, check_batch_fits, epoch_seed, worker_options
 from spartan.train.data.transforms import batch_mixer, train_transform, val_transform
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -163,10 +163,8 @@ def webdataset_loaders(config: DataConfig, *, rank: int, world: int, seed: int, 
         return Loaders(None, val_loader, DataInfo(config.num_classes, shape, 0, val_size))
     train_shards = shard_list(config, "train")
     train_size = config.train_size or count_samples(train_shards)
+    check_batch_fits(config, world, train_size, "data=webdataset")
     batches = train_size // (config.batch_size * world)
-    if batches == 0:
-        raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the {train_size} "
-                          f"training images of data=webdataset")
     stream = ShardStream(train_shards, rank, world, seed, train_transform(config), cycle=True,
                          shuffle_buffer=config.shuffle_buffer, num_classes=config.num_classes)
     generator = torch.Generator()
