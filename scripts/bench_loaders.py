@@ -3,8 +3,9 @@
 Generates an ImageNet-like JPEG folder (default 2,000 images of 400–500 px, 10 classes) once, converts it to
 FFCV (.beton) and WebDataset (.tar shards), then times each loader as the trainer builds it
 (``spartan.train.data.build_loaders``), with the same workers and batch size, over epochs 2..N (epoch 1 is
-excluded: FFCV compiles its pipeline then, and the OS page cache warms up). Prints a markdown table and
-writes JSON.
+excluded: FFCV compiles its pipeline then, and the OS page cache warms up). ``ffcv_stock`` is the same FFCV file
+and pipeline built from FFCV's own operations, to show what ``data=ffcv``'s decoder adds. Prints a markdown table
+and writes JSON.
 
     python scripts/bench_loaders.py                       # → docs/bench_loaders_cpu.json
     python scripts/bench_loaders.py --images 5000 --workers 16 --out docs/bench_loaders_gpu_host.json
@@ -28,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from spartan.train.config import DataConfig  # noqa: E402
 from spartan.train.data import build_loaders  # noqa: E402
+from spartan.train.data.loaders import Loaders  # noqa: E402
+from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def make_images(root: Path, count: int, classes: int, seed: int = 0) -> None:
@@ -45,8 +48,25 @@ def make_images(root: Path, count: int, classes: int, seed: int = 0) -> None:
             Image.fromarray((base + noise).clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.JPEG", quality=90)
 
 
-def time_loader(config: DataConfig, epochs: int) -> dict:
-    loaders = build_loaders(config, seed=0)
+def stock_ffcv_loaders(config: DataConfig) -> Loaders:
+    """The same training pipeline from FFCV's own operations (its ImageNet example's), for comparison with
+    ``data=ffcv``'s decoder: crop+resize decoder, flip, normalize, to tensor, to device, to torch image."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    cpu = torch.device("cpu")
+    image = [RandomResizedCropRGBImageDecoder((config.image_size, config.image_size)), RandomHorizontalFlip(),
+             NormalizeImage(np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255, np.float32), ToTensor(),
+             ToDevice(cpu), ToTorchImage()]
+    loader = Loader(str(Path(config.path) / "train.beton"), batch_size=config.batch_size,
+                    num_workers=config.num_workers, os_cache=config.os_cache, order=OrderOption.QUASI_RANDOM,
+                    drop_last=True, pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
+    return Loaders(loader, [], None)
+
+
+def time_loader(loaders: Loaders, epochs: int) -> dict:
     rates, first = [], None
     for epoch in range(epochs):
         loaders.set_epoch(epoch)
@@ -70,8 +90,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs are 2..N")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/spartan_bench_loaders"))
-    parser.add_argument("--loaders", nargs="+", default=["ffcv", "imagefolder", "webdataset"])
-    parser.add_argument("--os-cache", action="store_true", help="FFCV reads through the OS page cache")
+    parser.add_argument("--loaders", nargs="+", default=["ffcv", "ffcv_stock", "imagefolder", "webdataset"],
+                        choices=["ffcv", "ffcv_stock", "imagefolder", "webdataset"],
+                        help="ffcv_stock: the same pipeline from FFCV's own operations instead of data=ffcv's")
+    parser.add_argument("--os-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="FFCV reads through the OS page cache (its recipe when the data fits in RAM, as here)")
     parser.add_argument("--ffcv-write-mode", default="proportion", choices=["proportion", "jpg", "raw"],
                         help="how the training .beton stores images (the recipe: proportion)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench_loaders_cpu.json"))
@@ -83,7 +106,7 @@ def main() -> None:
         print(f"generating {args.images} JPEGs in {folder} ...", flush=True)
         make_images(folder, args.images, args.classes)
     ffcv_dir = args.cache / f"ffcv_{args.ffcv_write_mode}"
-    if "ffcv" in args.loaders and not (ffcv_dir / "val.beton").exists():
+    if {"ffcv", "ffcv_stock"} & set(args.loaders) and not (ffcv_dir / "val.beton").exists():
         from write_ffcv import write_split
 
         for split in ("train", "val"):
@@ -97,13 +120,14 @@ def main() -> None:
         for split in ("train", "val"):
             write_shards(folder, split, args.cache / "wds", samples_per_shard=250)
 
-    paths = {"ffcv": ffcv_dir, "imagefolder": folder, "webdataset": args.cache / "wds"}
+    paths = {"ffcv": ffcv_dir, "ffcv_stock": ffcv_dir, "imagefolder": folder, "webdataset": args.cache / "wds"}
     results = {}
     for name in args.loaders:
-        config = DataConfig(name=name, path=str(paths[name]), channels=3, image_size=224, hflip=True,
-                            batch_size=args.batch_size, num_workers=args.workers, num_classes=args.classes,
-                            shuffle_buffer=1000, os_cache=args.os_cache)
-        results[name] = time_loader(config, args.epochs)
+        config = DataConfig(name=name.removesuffix("_stock"), path=str(paths[name]), channels=3, image_size=224,
+                            hflip=True, batch_size=args.batch_size, num_workers=args.workers,
+                            num_classes=args.classes, shuffle_buffer=1000, os_cache=args.os_cache)
+        loaders = stock_ffcv_loaders(config) if name == "ffcv_stock" else build_loaders(config, seed=0)
+        results[name] = time_loader(loaders, args.epochs)
         print(f"{name}: {results[name]['img_s']:,.0f} img/s", flush=True)
 
     baseline = results.get("imagefolder", {}).get("img_s")

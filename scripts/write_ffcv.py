@@ -48,7 +48,8 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spartan.train.data.folders import IMAGE_SUFFIXES, class_mismatch, reference_classes  # noqa: E402
+from spartan.train.config import ConfigError  # noqa: E402
+from spartan.train.data.folders import labelled_images  # noqa: E402
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 MIN_PAGE_SIZE = 1 << 21  # FFCV's minimum page size
 MAX_PAGE_SIZE = 1 << 32  # exclusive, FFCV's limit
@@ -82,35 +83,13 @@ def default_page_size(max_resolution: int) -> int:
     return max(MIN_PAGE_SIZE, 1 << math.ceil(math.log2(max_resolution * max_resolution * 3)))
 
 
-def find_images(data_dir: str | os.PathLike, split: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(classes, [(path, label), ...])`` of ``data_dir/split`` as ImageFolder orders them; a
-    :class:`ConversionError` for a missing folder, no class folders or class folders without images."""
-    root = Path(data_dir)
-    folder = root / split
-    if not root.is_dir():
-        raise ConversionError(f"--data-dir {str(root)!r} is not a directory")
-    if not folder.is_dir():
-        raise ConversionError(f"{str(root)!r} has no {split}/ folder (expected {split}/<class>/<image>)")
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-    if not classes:
-        raise ConversionError(f"{str(folder)!r} has no class folders (expected {split}/<class>/<image>)")
-    from torchvision.datasets import ImageFolder
-
-    reference = reference_classes(root, split)
-    if reference is not None and reference != classes:
-        raise ConversionError(class_mismatch(root, split, classes, reference))
-    dataset = ImageFolder(str(folder), loader=load_rgb, allow_empty=True)
-    assert dataset.classes == classes, (dataset.classes, classes)
-    counts = [0] * len(classes)
-    for label in dataset.targets:
-        counts[label] += 1
-    empty = [name for name, count in zip(classes, counts) if count == 0]
-    if empty:
-        shown = ", ".join(f"{split}/{name}" for name in empty[:5])
-        shown += f" and {len(empty) - 5} more" if len(empty) > 5 else ""
-        raise ConversionError(f"{len(empty)} class folder(s) of {str(root)!r} have no images "
-                              f"({', '.join(IMAGE_SUFFIXES)}): {shown}")
-    return classes, [(path, int(label)) for path, label in dataset.samples]
+def find_images(data_dir: str | os.PathLike, split: str) -> list[tuple[str, int]]:
+    """``[(path, label), ...]`` of ``data_dir/split`` as ImageFolder orders them; a :class:`ConversionError` for a
+    missing folder, no class folders, class folders without images or other classes than train/'s."""
+    try:
+        return labelled_images(Path(data_dir), split, source="--data-dir")
+    except ConfigError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _check_image(path: str) -> str | None:
@@ -224,7 +203,7 @@ def write_split(data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
     out = Path(out)
     if out.is_dir():
         raise ConversionError(f"--out {str(out)!r} is a directory; name the .beton file to write")
-    _, samples = find_images(data_dir, split)
+    samples = find_images(data_dir, split)
     check_images([path for path, _ in samples], workers, deadline, progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchvision.datasets import ImageFolder  # noqa: E402
-
 from spartan.train.config import ConfigError  # noqa: E402
-from spartan.train.data.folders import class_folders, class_mismatch, reference_classes  # noqa: E402
+from spartan.train.data.folders import labelled_images  # noqa: E402
 
 
 def write_shards(data_dir: Path, split: str, out: Path, *, samples_per_shard: int = 1000, seed: int = 0) -> int:
@@ -31,13 +29,9 @@ def write_shards(data_dir: Path, split: str, out: Path, *, samples_per_shard: in
     Labels are indices of the *training* split's sorted class folders; a split with other classes is refused,
     and so is an output folder that already holds shards (stale shards would be read as part of the split).
     """
-    classes = class_folders(data_dir, split)
-    reference = reference_classes(data_dir, split)
-    if reference is not None and reference != classes:
-        raise ConfigError(class_mismatch(data_dir, split, classes, reference))
     if (out / split).is_dir() and any((out / split).glob("*.tar")):
         raise ConfigError(f"--out {str(out / split)!r} already holds shards: remove them or choose another --out")
-    files = [(Path(path), label) for path, label in ImageFolder(str(data_dir / split), allow_empty=True).samples]
+    files = [(Path(path), label) for path, label in labelled_images(data_dir, split, source="--data-dir")]
     random.Random(seed).shuffle(files)
     (out / split).mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / split / "shard-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
@@ -58,7 +52,7 @@ def main() -> None:
         count = write_shards(args.data_dir, args.split, args.out, samples_per_shard=args.samples_per_shard,
                              seed=args.seed)
     except ConfigError as err:
-        print(f"error: {str(err).replace('data.path', '--data-dir')}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {count} samples to {args.out / args.split}")
 

@@ -170,6 +170,9 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path):
     (tmp_path / "empty" / "train" / "cat").mkdir()
     with pytest.raises(ConfigError, match="class folder train/cat has no images"):
         build_loaders(data_config("imagefolder", tmp_path / "empty"))
+    (tmp_path / "empty" / "train" / "dog").mkdir()
+    with pytest.raises(ConfigError, match="class folders train/cat, train/dog have no images"):  # all listed
+        build_loaders(data_config("imagefolder", tmp_path / "empty"))
     with pytest.raises(ConfigError, match="has no val/\\*.tar shards"):
         build_loaders(data_config("webdataset", tmp_path / "empty"))
     done = run_cli("scripts/write_webdataset.py", "--data-dir", str(tmp_path / "nope"), "--split", "train",

@@ -3,12 +3,14 @@
 Imported lazily by :func:`spartan.train.data.loaders.build_loaders` (FFCV is an optional dependency).
 
 Training: a random resized crop decoded straight to the epoch's resolution (progressive resizing, see
-:func:`epoch_resolution`), optional horizontal flip, normalized with the ImageNet mean/std, channels-last, in
-``data.dtype``, on ``device``. Order: FFCV's quasi-random order (page-local shuffling, suited to datasets larger
-than RAM) in one process; with several processes a random order split across them (FFCV's ``distributed=True``,
-which needs an initialised ``torch.distributed`` process group). ``Loaders.on_epoch(epoch)`` sets the resolution
-and makes the order of the epoch a function of ``(seed, epoch)`` only, so a resumed run draws the order of an
-uninterrupted one. The crops and flips come from numba's per-thread generators and are not reproducible.
+:func:`epoch_resolution`) and optionally flipped, in one pass
+(:class:`~spartan.train.data.ffcv_decoder.CropResizeDecoder`), then normalized with the ImageNet mean/std (on the
+GPU when ``device`` is one), channels-last, in ``data.dtype``, on ``device``. Order: FFCV's quasi-random order
+(page-local shuffling, suited to datasets larger than RAM) in one process; with several processes a random order
+split across them (FFCV's ``distributed=True``, which needs an initialised ``torch.distributed`` process group).
+``Loaders.on_epoch(epoch)`` sets the resolution and makes the order of the epoch a function of ``(seed, epoch)``
+only, so a resumed run draws the order of an uninterrupted one. The crops and flips come from numba's per-thread
+generators and are not reproducible.
 
 Validation: resize so that the center crop of ``val_crop_ratio`` × the short side becomes ``image_size``
 (256 → 224), sequential order, process ``rank`` of ``world`` evaluates images ``rank, rank + world, ...``:
@@ -32,15 +34,14 @@ import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
-from ffcv.transforms import (Convert, NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
-                             ToTorchImage)
+from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from spartan.train.config import ConfigError, DataConfig
+from spartan.train.data.ffcv_decoder import CropResizeDecoder
 from spartan.train.data.loaders import DataInfo, Loaders, check_batch_fits, order_seed
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, batch_mixer
 
@@ -169,14 +170,17 @@ def _threads(config: DataConfig) -> int:
 
 def _pipelines(config: DataConfig, device: torch.device, *, train: bool, resolution: int) -> dict[str, list]:
     if train:
-        image: list = [RandomResizedCropRGBImageDecoder((resolution, resolution), scale=(config.min_scale, 1.0))]
-        if config.hflip:
-            image.append(RandomHorizontalFlip())
+        decoder = CropResizeDecoder((resolution, resolution), crop="random", scale=(config.min_scale, 1.0),
+                                    flip_prob=0.5 if config.hflip else 0.0)
     else:
-        image = [CenterCropRGBImageDecoder((resolution, resolution), ratio=config.val_crop_ratio)]
-    image += _to_normalized_tensor(config.dtype, device)
-    label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
-    return {"image": image, "label": label}
+        decoder = CropResizeDecoder((resolution, resolution), crop="center", center_ratio=config.val_crop_ratio)
+    return {"image": [decoder, *_to_normalized_tensor(config.dtype, device)],
+            "label": [IntDecoder(), ToTensor(), Squeeze(1), *_to_device(device)]}
+
+
+def _to_device(device: torch.device) -> list:
+    """FFCV's copy to ``device``; none on the CPU, where it would only copy each batch into another buffer."""
+    return [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
 
 
 def _to_normalized_tensor(dtype: str, device: torch.device) -> list:
@@ -192,9 +196,9 @@ def _to_normalized_tensor(dtype: str, device: torch.device) -> list:
     mode = NORMALIZE_MODE or ("numpy" if device.type == "cpu" else "cupy" if dtype != "bfloat16" and _has_cupy()
                               else "torch")
     if mode == "numpy":
-        return [NormalizeImage(mean, std, np_dtype), ToTensor(), ToDevice(device, non_blocking=True),
+        return [NormalizeImage(mean, std, np_dtype), ToTensor(), *_to_device(device),
                 ToTorchImage(channels_last=True), *([Convert(torch.bfloat16)] if dtype == "bfloat16" else [])]
-    head = [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+    head = [ToTensor(), *_to_device(device), ToTorchImage(channels_last=True)]
     if mode == "cupy":
         return [*head, NormalizeImage(mean, std, np_dtype)]
     return [*head, TorchNormalize(mean, std, getattr(torch, dtype))]

@@ -22,36 +22,48 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 UNREADABLE = "unreadable"
 
 
-def class_folders(root: Path, split: str) -> list[str]:
-    """The class folder names of ``root/split``; a clear error for a missing, empty or image-less folder."""
+def class_folders(root: Path, split: str, source: str = "data.path") -> list[str]:
+    """The class folder names of ``root/split``; a clear error, naming the setting ``source`` that gave ``root``,
+    for a missing or empty folder and for class folders without images (all of them listed)."""
     folder = root / split
     if not root.is_dir():
-        raise ConfigError(f"data.path {str(root)!r} is not a directory (expected {split}/<class>/<image> inside)")
+        raise ConfigError(f"{source} {str(root)!r} is not a directory (expected {split}/<class>/<image> inside)")
     if not folder.is_dir():
-        raise ConfigError(f"data.path {str(root)!r} has no {split}/ folder (expected {split}/<class>/<image>)")
+        raise ConfigError(f"{source} {str(root)!r} has no {split}/ folder (expected {split}/<class>/<image>)")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not classes:
-        raise ConfigError(f"data.path {str(root)!r}: {split}/ has no class folders")
-    for name in classes:
-        if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (folder / name).iterdir()):
-            raise ConfigError(f"data.path {str(root)!r}: class folder {split}/{name} has no images "
-                              f"({', '.join(IMAGE_SUFFIXES)})")
+        raise ConfigError(f"{source} {str(root)!r}: {split}/ has no class folders")
+    empty = [name for name in classes
+             if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (folder / name).iterdir())]
+    if empty:
+        shown = ", ".join(f"{split}/{name}" for name in empty[:5]) + (f" and {len(empty) - 5} more"
+                                                                      if len(empty) > 5 else "")
+        folders, have = ("class folder", "has") if len(empty) == 1 else ("class folders", "have")
+        raise ConfigError(f"{source} {str(root)!r}: {folders} {shown} {have} no images "
+                          f"({', '.join(IMAGE_SUFFIXES)})")
     return classes
 
 
-def reference_classes(root: Path, split: str) -> list[str] | None:
-    """The training split's class folders, which define the labels of every other split (None for train)."""
+def split_classes(root: Path, split: str, source: str = "data.path") -> list[str]:
+    """:func:`class_folders` of ``root/split``, which for a split other than train must equal train/'s: labels are
+    indices of the sorted class folders, so different folders would pair images with other classes' labels."""
+    classes = class_folders(root, split, source)
     train = root / "train"
-    if split == "train" or not train.is_dir():
-        return None
-    return sorted(d.name for d in train.iterdir() if d.is_dir())
+    if split != "train" and train.is_dir():
+        reference = sorted(d.name for d in train.iterdir() if d.is_dir())
+        if reference != classes:
+            missing, extra = sorted(set(reference) - set(classes)), sorted(set(classes) - set(reference))
+            raise ConfigError(f"{source} {str(root)!r}: {split}/ and train/ have different class folders (missing "
+                              f"in {split}/: {missing[:5] or 'none'}, extra: {extra[:5] or 'none'}); labels are "
+                              f"class indices, so they would not match between the splits")
+    return classes
 
 
-def class_mismatch(root: Path, split: str, classes: list[str], reference: list[str]) -> str:
-    missing, extra = sorted(set(reference) - set(classes)), sorted(set(classes) - set(reference))
-    return (f"{str(root)!r}: {split}/ and train/ have different class folders (missing in {split}/: "
-            f"{missing[:5] or 'none'}, extra: {extra[:5] or 'none'}); labels are class indices, so they would not "
-            f"match between the splits")
+def labelled_images(root: Path, split: str, source: str = "data.path") -> list[tuple[str, int]]:
+    """``[(path, label), ...]`` of ``root/split`` in ImageFolder's order, the folders checked by
+    :func:`split_classes` first."""
+    split_classes(root, split, source)
+    return datasets.ImageFolder(str(root / split), allow_empty=True).samples
 
 
 class SkippingImageFolder(datasets.ImageFolder):

@@ -11,8 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from spartan.train.config import ConfigError, DataConfig
-from spartan.train.data.folders import (SkippingImageFolder, class_folders, class_mismatch, reference_classes,
-                                        skip_unreadable)
+from spartan.train.data.folders import SkippingImageFolder, skip_unreadable, split_classes
 from spartan.train.data.samplers import RepeatedAugmentSampler, ShardSampler
 from spartan.train.data.transforms import batch_mixer, train_transform, val_transform
 
@@ -47,7 +46,7 @@ def check_data(config: DataConfig, train: bool = True) -> None:
         raise ConfigError(f"data={config.name} decodes RGB images: data.channels must be 3, got {config.channels}")
     if config.name == "imagefolder":
         for split in ("train", "val") if train else ("val",):
-            class_folders(Path(config.path), split)
+            split_classes(Path(config.path), split)
 
 
 def build_loaders(config: DataConfig, *, rank: int = 0, world: int = 1, seed: int = 0,
@@ -126,13 +125,10 @@ def _datasets(config: DataConfig, train: bool) -> tuple[Dataset | None, Dataset,
     if config.name == "synthetic":
         return (SyntheticImages(config, config.train_size, offset=0) if train else None,
                 SyntheticImages(config, config.val_size, offset=config.train_size), config.num_classes)
-    root = Path(config.path)
-    classes = class_folders(root, "val")
-    reference = reference_classes(root, "val")
-    if reference is not None and reference != classes:
-        raise ConfigError(f"data.path: {class_mismatch(root, 'val', classes, reference)}")
+    root = Path(config.path)  # the folders were checked by check_data
     train_set = SkippingImageFolder(str(root / "train"), transform=train_transform(config)) if train else None
-    return train_set, SkippingImageFolder(str(root / "val"), transform=val_transform(config)), len(classes)
+    val_set = SkippingImageFolder(str(root / "val"), transform=val_transform(config))
+    return train_set, val_set, len(val_set.classes)
 
 
 def digits_split(val_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
