@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from spartan import Sparsifier, SparsityConfig
+from spartan.train.config import OptimConfig
 from spartan.train.data import digits_split
 from spartan.train.models import digits_cnn
+from spartan.train.optim import build_optimizer
 
 
 def run(method: str, sparsity: float, seed: int, args, data) -> dict:
@@ -30,11 +32,8 @@ def run(method: str, sparsity: float, seed: int, args, data) -> dict:
     model = digits_cnn().to(x_train.device)
     steps_per_epoch = len(x_train) // args.batch_size
     total = steps_per_epoch * args.epochs
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.dim() == 1 else decay).append(p)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=args.lr, momentum=0.9, nesterov=True,
+                                                   weight_decay=args.weight_decay), args.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total, pct_start=0.1,
                                                    anneal_strategy="cos")
     config = SparsityConfig(method=method, target=sparsity, beta_init=args.beta_init, beta_final=args.beta_final,

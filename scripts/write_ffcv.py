@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spartan.train.config import ConfigError  # noqa: E402
 from spartan.train.data.folders import labelled_images  # noqa: E402
+
 WRITE_MODES = ("proportion", "jpg", "raw", "smart")
 MIN_PAGE_SIZE = 1 << 21  # FFCV's minimum page size
 MAX_PAGE_SIZE = 1 << 32  # exclusive, FFCV's limit

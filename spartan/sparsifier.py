@@ -336,9 +336,7 @@ class Sparsifier:
         Densities are fractions of weights kept (nonzero in the effective weight).
         """
         target, per_layer = self._masked_densities(self.target_density())
-        report = _density_report(self.model, self.tensors, [self._kept_weights(t, m) for t, m in
-                                                             zip(self.tensors, self.masks)],
-                                 input_shape or self.config.input_shape)
+        report = _density_report(self.model, self.tensors, self._kept_weights(), input_shape or self.config.input_shape)
         for i, row in enumerate(report["layers"]):
             row["density_target"] = target if per_layer is None else per_layer[i]
         report["totals"].update(sparsity_target=1 - self.target_density(), accounting=self.config.accounting)
@@ -346,14 +344,14 @@ class Sparsifier:
 
     def sparsity(self) -> dict[str, float]:
         """Actual sparsity now (fractions of zeros): over all parameters and over masked weights (cheap)."""
-        totals = _density_report(self.model, self.tensors, [self._kept_weights(t, m) for t, m in
-                                                            zip(self.tensors, self.masks)], None)["totals"]
+        totals = _density_report(self.model, self.tensors, self._kept_weights(), None)["totals"]
         return {"sparsity_all": totals["sparsity_all"], "sparsity_masked": totals["sparsity_masked"]}
 
-    def _kept_weights(self, tensor: MaskedTensor, mask: _Mask) -> int:
-        if self.finalized or mask.keep is None:
-            return int(torch.count_nonzero(tensor.weight))
-        return int(torch.count_nonzero(mask.keep)) * tensor.block_numel
+    def _kept_weights(self) -> list[int]:
+        """Weights each masked layer keeps: its hard mask's (blocks × block size), or its nonzero weights once
+        finalized or before a mask exists."""
+        return [int(torch.count_nonzero(t.weight)) if self.finalized or m.keep is None
+                else int(torch.count_nonzero(m.keep)) * t.block_numel for t, m in zip(self.tensors, self.masks)]
 
     # -------------------------------------------------------------------------------------- checkpoints
 

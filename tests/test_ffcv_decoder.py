@@ -115,8 +115,8 @@ def stored(tmp_path_factory):
 
 
 def decoded(file: Path, train: bool, **overrides) -> tuple[np.ndarray, np.ndarray]:
-    """One epoch of ``data=ffcv`` (batches of 4, 2 threads unless overridden) from ``file``, un-normalized to uint8 H×W×3 levels
-    (float), and the labels."""
+    """One epoch of ``data=ffcv`` (batches of 4, 2 threads unless overridden) from ``file``, un-normalized to
+    uint8 H×W×3 levels (as floats), and the labels."""
     config = DataConfig(**{"name": "ffcv", "train_path": str(file), "val_path": str(file), "channels": 3,
                            "image_size": SIZE, "batch_size": 4, "num_classes": IMAGES, "num_workers": 2, **overrides})
     loaders = ffcv_loaders(config, rank=0, world=1, seed=0, device=torch.device("cpu"), train=train)

@@ -1,7 +1,7 @@
 """Typed schemas of the trainer's config groups, declared once and validated when instantiated.
 
 Hydra composes ``configs/`` against :class:`TrainConfig` / :class:`EvalConfig` (types and keys are checked at
-composition); :func:`to_train_config` turns the composed config into these dataclasses, whose
+composition); ``spartan.train.cli.to_dataclass`` turns the composed config into these dataclasses, whose
 ``__post_init__`` checks values. Every error names the key as users type it (``optim.lr``) and the value.
 This module does not import Hydra: the entry points register the schemas (:func:`register`).
 """

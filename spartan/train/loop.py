@@ -238,7 +238,8 @@ class Run:
                 else:
                     targets = labels
                 sync = micro == trainer.accumulate - 1 or not isinstance(self.runner, nn.parallel.DistributedDataParallel)
-                with contextlib.nullcontext() if sync else self.runner.no_sync(), self._autocast():
+                with (contextlib.nullcontext() if sync else self.runner.no_sync(),
+                      autocast(self.device, self.amp_dtype)):
                     logits = self.runner(images)
                     loss = self.criterion(logits, targets)
                 self.scaler.scale(loss / trainer.accumulate).backward()
@@ -292,11 +293,6 @@ class Run:
                         img_s=f"{record['img_per_s']:,.0f}", sparsity=f"{100 * record['sparsity_all']:.1f}%")
         window.update(loss=torch.zeros((), device=self.device), correct=torch.zeros((), device=self.device),
                       samples=0, start=time.perf_counter())
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -359,14 +355,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     was_training = model.training
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for batch in loader:
         if batch is None:  # every image of this batch was unreadable (skipped with warnings)
             continue
         images, targets = batch
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
-        with autocast:
+        with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
@@ -377,6 +372,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     model.train(was_training)
     loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
     return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "images": int(count)}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in ``dtype`` on ``device``; full precision for None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _sync_buffers(model: nn.Module) -> None:

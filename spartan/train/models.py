@@ -49,16 +49,3 @@ def _build(config: ModelConfig, num_classes: int, in_channels: int) -> nn.Module
         raise ConfigError(f"model.name {config.name!r} is not a timm model (see timm.list_models())")
     return timm.create_model(config.name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
                              **config.kwargs)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-

@@ -108,6 +108,10 @@ def resolve_wandb_mode(config: LoggerConfig) -> str | None:
     return mode
 
 
+def _offline_note(reason: str, run_dir: Path) -> str:
+    return f"offline ({reason}): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
+
+
 def _start_wandb(config: LoggerConfig, mode: str, run_dir: Path, run_name: str, run_config: dict[str, Any],
                  resumed: bool):
     import wandb
@@ -116,7 +120,7 @@ def _start_wandb(config: LoggerConfig, mode: str, run_dir: Path, run_name: str, 
     if mode == "auto":
         mode = "online" if wandb_key_configured() else "offline"
         if mode == "offline":
-            note = f"offline (no API key configured): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
+            note = _offline_note("no API key configured", run_dir)
     id_file = run_dir / "wandb_id"  # a resumed run continues the same W&B run
     run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
@@ -127,7 +131,7 @@ def _start_wandb(config: LoggerConfig, mode: str, run_dir: Path, run_name: str, 
     except Exception as err:  # an unreachable server must not stop training when offline logging is possible
         if mode != "online" or config.mode == "online":
             raise
-        note = f"offline (online start failed: {type(err).__name__}): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
+        note = _offline_note(f"online start failed: {type(err).__name__}", run_dir)
         kwargs["id"] = uuid.uuid4().hex[:12]  # W&B's service still holds the failed run's id
         id_file.write_text(kwargs["id"])
         run = wandb.init(mode="offline", settings=wandb.Settings(quiet=True), **kwargs)

@@ -54,5 +54,4 @@ def batch_mixer(config: DataConfig, num_classes: int) -> Callable | None:
         mixers.append(v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes))
     if not mixers:
         return None
-    mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
-    return lambda images, labels: mix(images, labels)
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
