@@ -13,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from spartan.train import cli
-from spartan.train.config import ConfigError, register
+from spartan.train.config import register
+from spartan.train.errors import ConfigError
 from spartan.train.loop import train
 
 register(ConfigStore.instance())
@@ -25,7 +26,7 @@ def main(cfg: DictConfig) -> float | None:
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     try:
-        config = cli.to_dataclass(cfg, OmegaConf.to_object)
+        config = cli.to_dataclass(cfg)
         files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
                  ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra_config.overrides.task))}
         summary = train(config, run_dir, files=files, run_config=OmegaConf.to_container(cfg, resolve=True))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -24,13 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from spartan.train.config import DataConfig  # noqa: E402
-from spartan.train.data import build_loaders  # noqa: E402
-from spartan.train.data.loaders import Loaders  # noqa: E402
-from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from spartan.train.data import Loaders, build_loaders, get_backend
+from spartan.train.data.backends.ffcv import FFCVConfig
+from spartan.train.data.ffcv_writer import write_split
+from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from spartan.train.data.webdataset_writer import write_shards
 
 
 def make_images(root: Path, count: int, classes: int, seed: int = 0) -> None:
@@ -48,7 +45,7 @@ def make_images(root: Path, count: int, classes: int, seed: int = 0) -> None:
             Image.fromarray((base + noise).clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.JPEG", quality=90)
 
 
-def stock_ffcv_loaders(config: DataConfig) -> Loaders:
+def stock_ffcv_loaders(config: FFCVConfig) -> Loaders:
     """The same training pipeline from FFCV's own operations (its ImageNet example's), for comparison with
     ``data=ffcv``'s decoder: crop+resize decoder, flip, normalize, to tensor, to device, to torch image."""
     from ffcv.fields.basics import IntDecoder
@@ -107,25 +104,23 @@ def main() -> None:
         make_images(folder, args.images, args.classes)
     ffcv_dir = args.cache / f"ffcv_{args.ffcv_write_mode}"
     if {"ffcv", "ffcv_stock"} & set(args.loaders) and not (ffcv_dir / "val.beton").exists():
-        from write_ffcv import write_split
-
         for split in ("train", "val"):
             # FFCV's ImageNet recipe: at most 512 px, half of the training images stored as raw pixels.
             write_split(folder, split, ffcv_dir / f"{split}.beton", max_resolution=512,
                         write_mode=args.ffcv_write_mode if split == "train" else "jpg", compress_probability=0.5,
                         jpeg_quality=90, workers=args.workers)
     if "webdataset" in args.loaders and not (args.cache / "wds" / "val").is_dir():
-        from write_webdataset import write_shards
-
         for split in ("train", "val"):
             write_shards(folder, split, args.cache / "wds", samples_per_shard=250)
 
     paths = {"ffcv": ffcv_dir, "ffcv_stock": ffcv_dir, "imagefolder": folder, "webdataset": args.cache / "wds"}
     results = {}
     for name in args.loaders:
-        config = DataConfig(name=name.removesuffix("_stock"), path=str(paths[name]), channels=3, image_size=224,
-                            hflip=True, batch_size=args.batch_size, num_workers=args.workers,
-                            num_classes=args.classes, shuffle_buffer=1000, os_cache=args.os_cache)
+        backend = name.removesuffix("_stock")
+        options = {"ffcv": {"num_classes": args.classes, "os_cache": args.os_cache},
+                   "webdataset": {"num_classes": args.classes, "shuffle_buffer": 1000}}.get(backend, {})
+        config = get_backend(backend).schema(path=str(paths[name]), image_size=224, batch_size=args.batch_size,
+                                             num_workers=args.workers, **options)
         loaders = stock_ffcv_loaders(config) if name == "ffcv_stock" else build_loaders(config, seed=0)
         results[name] = time_loader(loaders, args.epochs)
         print(f"{name}: {results[name]['img_s']:,.0f} img/s", flush=True)

@@ -21,7 +21,7 @@ from torch import nn
 
 from spartan import Sparsifier, SparsityConfig
 from spartan.train.config import OptimConfig
-from spartan.train.data import digits_split
+from spartan.train.data.backends.digits import digits_split
 from spartan.train.models import digits_cnn
 from spartan.train.optim import build_optimizer
 

@@ -1,4 +1,4 @@
-"""How a target density is shared among masked layers (DESIGN.md §1.6).
+"""How a target density is shared among masked layers (docs/design.md §1.6).
 
 - ``global``: one budget over all masked entries; layers compete by unit value (the paper's setting), so
   there are no per-layer densities to compute here;

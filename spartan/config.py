@@ -1,4 +1,4 @@
-"""``SparsityConfig``: everything that defines how a model is sparsified (the Hydra ``sparsity`` group's schema)."""
+"""``SparsityConfig``: everything that defines how a model is sparsified (the trainer's ``sparsity`` schema)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ from typing import Any
 
 from spartan.allocation import ACCOUNTINGS, ALLOCATIONS
 from spartan.costs import COST_MODELS
-from spartan.masking import METHODS
-from spartan.schedules import BETA_SCHEDULES, DENSITY_SCHEDULES
+from spartan.methods import METHODS
+from spartan.schedules import BETA_SCHEDULES, DENSITY_SCHEDULES, Schedule
+
+
+class ConfigFieldError(ValueError):
+    """An invalid :class:`SparsityConfig` value: ``field`` names it, ``message`` says what is allowed and what was
+    given (``str(error)`` is ``"<field> <message>"``); a caller such as the trainer may prefix its own key path."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field, self.message = field, message
 
 
 @dataclass
@@ -20,6 +29,7 @@ class SparsityConfig:
     parameter of the model (biases, norms, embeddings and excluded layers stay dense, so masked layers are made
     sparser), with ``"masked"`` only the masked weights. With the ``flops`` cost model it is a fraction of
     FLOPs. ``beta_*`` are in 1/unit-value units (unit value = mean |w| over an entry's block).
+    Invalid values raise :class:`ConfigFieldError`.
     """
 
     method: str = "spartan"
@@ -48,34 +58,57 @@ class SparsityConfig:
         self.exclude = tuple(self.exclude)
         if self.input_shape is not None:
             self.input_shape = tuple(self.input_shape)
-        for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("accounting", ACCOUNTINGS),
-                              ("cost", COST_MODELS), ("density_schedule", DENSITY_SCHEDULES),
-                              ("beta_schedule", BETA_SCHEDULES)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"sparsity.{name} must be one of {allowed}, got {value!r}")
+        choices = (
+            ("method", tuple(METHODS)),
+            ("allocation", ALLOCATIONS),
+            ("accounting", ACCOUNTINGS),
+            ("cost", COST_MODELS),
+            ("density_schedule", DENSITY_SCHEDULES),
+            ("beta_schedule", BETA_SCHEDULES),
+        )
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigFieldError(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if not (isinstance(self.target, (int, float)) and 0.0 <= self.target < 1.0):
-            raise ValueError(f"sparsity.target must be a sparsity in [0, 1), got {self.target!r}")
+            raise ConfigFieldError("target", f"must be a sparsity in [0, 1), got {self.target!r}")
         if not 1.0 - self.target <= self.density_init <= 1.0:
-            raise ValueError(f"sparsity.density_init must be in [1 - target = {1.0 - self.target:g}, 1], "
-                             f"got {self.density_init}")
+            raise ConfigFieldError(
+                "density_init", f"must be in [1 - target = {1.0 - self.target:g}, 1], got {self.density_init}"
+            )
         for name in ("warmup_frac", "finetune_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"sparsity.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigFieldError(name, f"must be in [0, 1], got {getattr(self, name)}")
         if self.warmup_frac + self.finetune_frac > 1.0:
-            raise ValueError(f"sparsity.warmup_frac + sparsity.finetune_frac must be <= 1, got {self.warmup_frac} + "
-                             f"{self.finetune_frac}")
+            raise ConfigFieldError(
+                "warmup_frac", f"+ finetune_frac must be <= 1, got {self.warmup_frac} + {self.finetune_frac}"
+            )
         for name in ("beta_init", "beta_final"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                raise ValueError(f"sparsity.{name} must be a finite number > 0, got {getattr(self, name)}")
+                raise ConfigFieldError(name, f"must be a finite number > 0, got {getattr(self, name)}")
         if self.cost == "flops" and self.input_shape is None:
-            raise ValueError("sparsity.input_shape (one sample's shape, e.g. [3, 224, 224]) is required with "
-                             "sparsity.cost=flops")
+            raise ConfigFieldError(
+                "input_shape", "(one sample's shape, e.g. [3, 224, 224]) is required with cost=flops"
+            )
         if self.cost == "custom" and not self.custom_costs:
-            raise ValueError("sparsity.custom_costs (module-name glob -> cost per weight) is required with "
-                             "sparsity.cost=custom")
+            raise ConfigFieldError(
+                "custom_costs", "(module-name glob -> cost per weight) is required with cost=custom"
+            )
         if not (0 < self.tol < 1 and math.isfinite(self.tol)):
-            raise ValueError(f"sparsity.tol must be in (0, 1), got {self.tol}")
+            raise ConfigFieldError("tol", f"must be in (0, 1), got {self.tol}")
+
+    def schedule(self, total_steps: int) -> Schedule:
+        """The density/β schedule of this config over ``total_steps`` optimizer steps."""
+        return Schedule(
+            total_steps=total_steps,
+            density_final=1.0 - self.target,
+            density_init=self.density_init,
+            warmup_frac=self.warmup_frac,
+            finetune_frac=self.finetune_frac,
+            density_schedule=self.density_schedule,
+            beta_init=self.beta_init,
+            beta_final=self.beta_final,
+            beta_schedule=self.beta_schedule,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

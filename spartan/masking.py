@@ -1,4 +1,4 @@
-"""Forward weights of masked tensors and their gradients, per method (DESIGN.md §1.4 and §2).
+"""Forward weights of masked tensors and their gradients (docs/design.md §1.4 and §2).
 
 No autograd graph survives between steps: the Sparsifier's ``step()`` stores detached per-entry tensors
 (soft mask ``m``, slope ``s = m(1 − m)``, hard mask ``H``), and each layer's forward weight is one custom op
@@ -19,9 +19,6 @@ import torch
 from torch import Tensor
 
 from spartan.layers import MaskedTensor
-
-METHODS = ("spartan", "topkast", "magnitude", "dense")
-
 
 @dataclass(eq=False)
 class GradientCorrection:

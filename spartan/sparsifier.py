@@ -1,4 +1,4 @@
-"""``Sparsifier``: the object users hold to train a model to an exact sparsity (DESIGN.md §1 and §2).
+"""``Sparsifier``: the object users hold to train a model to an exact sparsity (docs/design.md §1 and §2).
 
 The training loop::
 
@@ -21,7 +21,6 @@ masked weights read ``<module>.parametrizations.<name>.original``; ``finalize()`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,53 +32,9 @@ from spartan.allocation import layer_densities, masked_density
 from spartan.config import SparsityConfig, first_difference
 from spartan.costs import cost_factors, flops_per_weight
 from spartan.layers import MaskedTensor, find_masked_tensors
-from spartan.masking import GradientCorrection, masked_weight, spartan_weight, straight_through_weight
-from spartan.schedules import Schedule
-from spartan.topk import HardThreshold, hard_threshold, solve_soft_topk
-
-
-class _Mask(nn.Module):
-    """The parametrization of one masked weight: ``weight -> effective weight`` by the current mode."""
-
-    def __init__(self, tensor: MaskedTensor):
-        super().__init__()
-        self.tensor = tensor
-        self.mode = "masked"  # "spartan" | "straight_through" | "masked"
-        self.keep: Tensor | None = None
-        self.soft: Tensor | None = None
-        self.slope: Tensor | None = None
-        self.cost = 1.0
-        self.correction: GradientCorrection | None = None
-
-    def forward(self, weight: Tensor) -> Tensor:
-        if self.keep.device != weight.device or self.keep.dtype != weight.dtype:
-            raise RuntimeError(f"{self.tensor.name} is {weight.dtype} on {weight.device} but its mask was built for "
-                               f"{self.keep.dtype} on {self.keep.device}: move the model (model.to(...)) before "
-                               f"creating the Sparsifier")
-        if self.mode == "spartan":
-            return spartan_weight(weight, self.tensor, self.keep, self.soft, self.slope, self.cost, self.correction)
-        if self.mode == "straight_through":
-            return straight_through_weight(weight, self.tensor, self.keep)
-        return masked_weight(weight, self.tensor, self.keep)
-
-
-@dataclass(eq=False)
-class _Group:
-    """Masked tensors that share one budget (all of them for ``global`` allocation, else one tensor)."""
-
-    members: list[int]
-    slices: list[slice]
-    costs: Tensor | None  # per-entry costs, or None when they all equal ``unit_cost``
-    unit_cost: float
-    total_cost: float
-    values: Tensor
-    soft: Tensor
-    hard: Tensor
-    previous_hard: Tensor
-    correction: GradientCorrection
-    lam: float | None = None
-    threshold: HardThreshold | None = None
-    telemetry: dict = field(default_factory=dict)
+from spartan.masking import GradientCorrection
+from spartan.methods import Group, LayerMask, build_method
+from spartan.topk import HardThreshold
 
 
 class Sparsifier:
@@ -88,31 +43,42 @@ class Sparsifier:
     ``optimizer`` (optional) lets the freeze zero the optimizer state of pruned weights, so momentum and
     weight decay cannot revive them; without it, call :meth:`prune_optimizer_state` yourself at the freeze.
     ``process_group`` is the data-parallel group gradients are averaged over (default: the world).
-    Build the Sparsifier after placing the model (``model.to(device, dtype)``).
+    Build the Sparsifier after placing the model (``model.to(device, dtype)``). ``config.method`` names a
+    registered :class:`spartan.methods.Method`, which decides how masks are computed and applied.
     """
 
-    def __init__(self, model: nn.Module, config: SparsityConfig, total_steps: int, *,
-                 optimizer: torch.optim.Optimizer | None = None, process_group: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SparsityConfig,
+        total_steps: int,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        process_group: Any = None,
+    ):
         if not isinstance(config, SparsityConfig):
             raise ValueError(f"config must be a SparsityConfig, got {type(config).__name__}")
         self.model, self.config, self.optimizer, self.process_group = model, config, optimizer, process_group
-        self.schedule = Schedule(config, total_steps)
-        self.tensors = find_masked_tensors(model, include=config.include, exclude=config.exclude,
-                                           block=config.block, block_fallback=config.block_fallback)
-        self.factors = cost_factors(model, self.tensors, config.cost, input_shape=config.input_shape,
-                                    custom=config.custom_costs)
+        self.method = build_method(config.method)
+        self.schedule = config.schedule(total_steps)
+        self.tensors = find_masked_tensors(
+            model, include=config.include, exclude=config.exclude, block=config.block, block_fallback=config.block_fallback
+        )
+        self.factors = cost_factors(
+            model, self.tensors, config.cost, input_shape=config.input_shape, custom=config.custom_costs
+        )
         self.layer_costs = [f * t.weight.numel() for f, t in zip(self.factors, self.tensors)]
         self.unmasked_cost = self._unmasked_cost()
-        if config.method != "dense":  # an unreachable target must fail now, not when the warm-up ends
+        if self.method.attaches_masks:  # an unreachable target must fail now, not when the warm-up ends
             self._masked_densities(self.schedule.density_final)
         self.step_count = 0
         self.frozen = False
         self.finalized = False
-        self.masks = [_Mask(t) for t in self.tensors]
-        self.groups = self._make_groups()
-        if config.method != "dense":
-            for tensor, mask in zip(self.tensors, self.masks):
-                parametrize.register_parametrization(tensor.module, tensor.attr, mask, unsafe=True)
+        self.layers = [LayerMask(t, self.method) for t in self.tensors]
+        self.groups = self._make_groups() if self.method.attaches_masks else []
+        if self.method.attaches_masks:
+            for tensor, layer in zip(self.tensors, self.layers):
+                parametrize.register_parametrization(tensor.module, tensor.attr, layer, unsafe=True)
         self._update()
 
     # -------------------------------------------------------------------------------------- construction
@@ -129,16 +95,19 @@ class Sparsifier:
         if not others:
             return 0.0
         try:
-            factors = cost_factors(self.model, others, self.config.cost, input_shape=self.config.input_shape,
-                                   custom=self.config.custom_costs, allow_unused=True)
+            factors = cost_factors(
+                self.model,
+                others,
+                self.config.cost,
+                input_shape=self.config.input_shape,
+                custom=self.config.custom_costs,
+                allow_unused=True,
+            )
         except ValueError as err:
-            raise ValueError(f"accounting='all' counts the excluded layers too: {err} (or use accounting='masked')") \
-                from None
+            raise ValueError(f"accounting='all' counts the excluded layers too: {err} (or use accounting='masked')") from None
         return float(sum(f * t.weight.numel() for f, t in zip(factors, others)))
 
-    def _make_groups(self) -> list[_Group]:
-        if self.config.method == "dense":
-            return []
+    def _make_groups(self) -> list[Group]:
         if self.config.allocation == "global":
             member_lists = [list(range(len(self.tensors)))]
         else:
@@ -151,26 +120,38 @@ class Sparsifier:
             entry_costs = [self.factors[i] * self.tensors[i].block_numel for i in members]
             sizes = [self.tensors[i].n_entries for i in members]
             starts = [sum(sizes[:k]) for k in range(len(sizes))]
-            slices = [slice(a, a + n) for a, n in zip(starts, sizes)]
             n = sum(sizes)
             uniform = all(c == entry_costs[0] for c in entry_costs)
-            costs = None if uniform else torch.cat([torch.full((s,), c, dtype=dtype, device=device)
-                                                    for s, c in zip(sizes, entry_costs)])
-            groups.append(_Group(
-                members=members, slices=slices, costs=costs, unit_cost=entry_costs[0] if uniform else 1.0,
-                total_cost=sum(c * s for c, s in zip(entry_costs, sizes)),
-                values=torch.empty(n, dtype=dtype, device=device), soft=torch.empty(n, dtype=dtype, device=device),
-                hard=torch.zeros(n, dtype=torch.bool, device=device),
-                previous_hard=torch.zeros(n, dtype=torch.bool, device=device),
-                correction=GradientCorrection(beta=1.0, slope_total=0.0,
-                                              accumulated=torch.zeros((), dtype=torch.float64, device=device))))
+            costs = None
+            if not uniform:
+                costs = torch.cat([torch.full((s,), c, dtype=dtype, device=device) for s, c in zip(sizes, entry_costs)])
+            soft, correction = None, None
+            if self.method.soft_mask:
+                soft = torch.empty(n, dtype=dtype, device=device)
+            if self.method.global_correction:
+                accumulated = torch.zeros((), dtype=torch.float64, device=device)
+                correction = GradientCorrection(beta=1.0, slope_total=0.0, accumulated=accumulated)
+            groups.append(
+                Group(
+                    members=members,
+                    slices=[slice(a, a + size) for a, size in zip(starts, sizes)],
+                    costs=costs,
+                    unit_cost=entry_costs[0] if uniform else 1.0,
+                    total_cost=sum(c * size for c, size in zip(entry_costs, sizes)),
+                    values=torch.empty(n, dtype=dtype, device=device),
+                    hard=torch.zeros(n, dtype=torch.bool, device=device),
+                    previous_hard=torch.zeros(n, dtype=torch.bool, device=device),
+                    soft=soft,
+                    correction=correction,
+                )
+            )
         return groups
 
     # -------------------------------------------------------------------------------------- training loop
 
     def target_density(self, step: int | None = None) -> float:
         """Overall target density (1 − sparsity) at ``step``, in the configured accounting (1 for ``dense``)."""
-        if self.config.method == "dense":
+        if not self.method.attaches_masks:
             return 1.0
         return self.schedule.density(self.step_count if step is None else step)
 
@@ -181,17 +162,21 @@ class Sparsifier:
         return masked, layer_densities(shapes, self.layer_costs, masked, self.config.allocation)
 
     def finish_backward(self) -> None:
-        """Apply Spartan's global gradient term; call after ``backward()``, before unscaling/clipping/stepping.
+        """Apply the method's global gradient term (Spartan's); call after ``backward()``, before
+        unscaling/clipping/stepping. A no-op for methods without one and once the masks froze.
 
         Under DDP the per-group scalars are averaged over ranks (one all-reduce), like the gradients. Every
         rank reduces every group, pending or not (a rank may have skipped a layer), so the collectives match.
         """
-        if self.config.method != "spartan" or self.frozen:
+        if not self.method.global_correction or self.frozen:
             return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             device = self.groups[0].correction.accumulated.device
-            packed = torch.tensor([[float(g.correction.accumulated), float(g.correction.pending)] for g in self.groups],
-                                  dtype=torch.float64, device=device)
+            packed = torch.tensor(
+                [[float(g.correction.accumulated), float(g.correction.pending)] for g in self.groups],
+                dtype=torch.float64,
+                device=device,
+            )
             dist.all_reduce(packed, group=self.process_group)
             world = dist.get_world_size(self.process_group)
             for g, (total, pending_ranks) in zip(self.groups, packed.tolist()):
@@ -199,19 +184,23 @@ class Sparsifier:
                 g.correction.pending = pending_ranks > 0
         for g in self.groups:
             if g.correction.pending:
-                g.correction.apply([(self.tensors[i], self.masks[i].slope) for i in g.members])
+                g.correction.apply([(self.tensors[i], self.layers[i].slope) for i in g.members])
 
     def step(self) -> dict[str, Any]:
         """Advance one optimizer step: recompute masks from the updated weights; return telemetry."""
         if self.finalized:
             raise RuntimeError("Sparsifier.step() after finalize(): the model no longer carries masks")
-        if any(g.correction.pending for g in self.groups):
-            raise RuntimeError("sparsifier.step() found Spartan gradients without their global correction: call "
-                               "sparsifier.finish_backward() after loss.backward() and before optimizer.step()")
+        if any(g.correction is not None and g.correction.pending for g in self.groups):
+            raise RuntimeError(
+                "sparsifier.step() found Spartan gradients without their global correction: call "
+                "sparsifier.finish_backward() after loss.backward() and before optimizer.step()"
+            )
         for tensor, group in ((self.tensors[g.members[0]], g) for g in self.groups):
             if tensor.weight.device != group.values.device:
-                raise RuntimeError(f"{tensor.name} moved to {tensor.weight.device} after the Sparsifier was built on "
-                                   f"{group.values.device}: move the model before creating the Sparsifier")
+                raise RuntimeError(
+                    f"{tensor.name} moved to {tensor.weight.device} after the Sparsifier was built on "
+                    f"{group.values.device}: move the model before creating the Sparsifier"
+                )
         self.step_count += 1
         return self._update()
 
@@ -219,29 +208,30 @@ class Sparsifier:
         """Masks for the current step from the current weights; freezes them at the freeze step."""
         step = self.step_count
         telemetry = {"step": step, "density_target": self.target_density(step), "frozen": self.frozen}
-        if self.frozen or self.config.method == "dense":
+        if self.frozen or not self.method.attaches_masks:
             return telemetry
         density, per_layer = self._masked_densities(self.target_density(step))
         for group in self.groups:
             layer_density = density if per_layer is None else per_layer[group.members[0]]
             # A one-layer group uses its own block (unstructured after a block fallback); a global one the config's.
-            block_numel = self.tensors[group.members[0]].block_numel if len(group.members) == 1 \
-                else math.prod(self.config.block)
-            beta = self.schedule.beta(step, block_numel)
-            self._update_group(group, layer_density * group.total_cost, beta)
+            if len(group.members) == 1:
+                block_numel = self.tensors[group.members[0]].block_numel
+            else:
+                block_numel = math.prod(self.config.block)
+            self._update_group(group, layer_density * group.total_cost, self.schedule.beta(step, block_numel))
         entries = sum(g.hard.numel() for g in self.groups)
-        telemetry.update(masked_density_target=density, beta=self.schedule.beta(step, math.prod(self.config.block)),
-                         flip_rate=sum(g.telemetry["flip_rate"] * g.hard.numel() for g in self.groups) / entries)
-        if self.config.method == "spartan":
-            first = self.groups[0].telemetry
-            telemetry.update(lam=first["lam"], soft_kept=first["soft_kept"], soft_dropped=first["soft_dropped"],
-                             solver_iterations=max(g.telemetry["solver_iterations"] for g in self.groups))
+        telemetry.update(
+            masked_density_target=density,
+            beta=self.schedule.beta(step, math.prod(self.config.block)),
+            flip_rate=sum(g.telemetry["flip_rate"] * g.hard.numel() for g in self.groups) / entries,
+        )
+        telemetry.update(self.method.telemetry(self.groups, self.layers))
         if self.schedule.frozen(step):
             self._freeze()
             telemetry["frozen"] = True
         return telemetry
 
-    def _update_group(self, group: _Group, budget: float, beta: float) -> None:
+    def _update_group(self, group: Group, budget: float, beta: float) -> None:
         with torch.no_grad():
             for i, part in zip(group.members, group.slices):
                 tensor = self.tensors[i]
@@ -254,40 +244,10 @@ class Sparsifier:
                 group.values /= group.unit_cost  # unit values; the budget becomes a number of entries
                 budget /= group.unit_cost
             budget = min(budget, float(group.values.numel()) if group.costs is None else group.total_cost)
-            group.previous_hard, group.hard = group.hard, group.previous_hard
-            group.threshold = hard_threshold(group.values, budget, group.costs, init=group.threshold)
-            group.threshold.mask(group.values, group.costs, out=group.hard)
-            flips = int(torch.count_nonzero(group.hard ^ group.previous_hard))
-            group.telemetry = {"flip_rate": flips / group.hard.numel()}
-            if self.config.method == "spartan":
-                solution = solve_soft_topk(group.values, budget, beta, group.costs, lam_init=group.lam,
-                                           tol=self.config.tol, out=group.soft)
-                group.lam = solution.lam if math.isfinite(solution.lam) else None  # trivial budgets: no λ
-                group.correction.beta = beta
-                group.correction.slope_total = solution.slope_total * group.unit_cost  # S = Σ c·s
-                group.telemetry.update(lam=solution.lam, solver_iterations=solution.iterations)
-            kept_soft = sum(self._set_layer_masks(i, group, part) for i, part in zip(group.members, group.slices))
-            if self.config.method == "spartan":
-                n_kept = int(torch.count_nonzero(group.hard))
-                n_dropped = group.hard.numel() - n_kept
-                dropped_soft = float(group.soft.sum()) - kept_soft
-                group.telemetry.update(soft_kept=kept_soft / n_kept if n_kept else math.nan,
-                                       soft_dropped=dropped_soft / n_dropped if n_dropped else math.nan)
-
-    def _set_layer_masks(self, i: int, group: _Group, part: slice) -> float:
-        """Hand layer ``i`` its slice of the group's masks; return the sum of its kept soft values."""
-        tensor, mask = self.tensors[i], self.masks[i]
-        dtype = tensor.weight.dtype
-        hard = group.hard[part].view(tensor.entry_shape)
-        if self.config.method != "spartan":
-            mask.mode = "straight_through" if self.config.method == "topkast" else "masked"
-            mask.keep = hard.to(dtype)
-            return 0.0
-        soft = group.soft[part].view(tensor.entry_shape)  # soft and slope stay in the solver's precision
-        mask.mode, mask.soft, mask.slope = "spartan", soft, soft * (1 - soft)
-        mask.keep = torch.where(hard, soft, 0.0).to(dtype)
-        mask.cost, mask.correction = self.factors[i] * tensor.block_numel, group.correction
-        return float(mask.keep.sum())
+            group.beta = beta
+            self.method.update_group(group, budget, beta, self.config.tol)
+            for i, part in zip(group.members, group.slices):
+                self.method.set_layer(self.layers[i], group, part, self.factors[i] * self.tensors[i].block_numel)
 
     def _freeze(self) -> None:
         """Fix the masks: kept entries keep their multiplier (the soft value for Spartan), dropped become 0."""
@@ -295,17 +255,17 @@ class Sparsifier:
         self.prune_optimizer_state(self.optimizer)
 
     def _use_fixed_masks(self) -> None:
-        for mask in self.masks:
-            mask.mode, mask.soft, mask.slope, mask.correction = "masked", None, None, None
+        for layer in self.layers:
+            self.method.freeze(layer)
         self.frozen = True
 
     def prune_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Zero pruned weights and their optimizer state (momentum, Adam moments) so nothing revives them."""
         with torch.no_grad():
-            for tensor, mask in zip(self.tensors, self.masks):
-                if mask.keep is None:
+            for tensor, layer in zip(self.tensors, self.layers):
+                if layer.keep is None:
                     continue
-                alive = tensor.expand(mask.keep != 0).to(tensor.weight.dtype)
+                alive = tensor.expand(layer.keep != 0).to(tensor.weight.dtype)
                 tensor.weight.mul_(alive)
                 state = optimizer.state.get(tensor.weight, {}) if optimizer is not None else {}
                 for value in state.values():
@@ -318,27 +278,38 @@ class Sparsifier:
         """Bake ``w ⊙ mask`` into the weights and remove all masking: plain modules with exact zeros."""
         if self.finalized:
             return self.model
-        if self.config.method != "dense":
+        if self.method.attaches_masks:
             if not self.frozen:
                 self._freeze()
             with torch.no_grad():
-                for tensor, mask in zip(self.tensors, self.masks):
+                for tensor, layer in zip(self.tensors, self.layers):
                     parametrize.remove_parametrizations(tensor.module, tensor.attr, leave_parametrized=False)
-                    tensor.weight.mul_(tensor.expand(mask.keep))
+                    tensor.weight.mul_(tensor.expand(layer.keep))
         self.finalized = True
         return self.model
 
     # -------------------------------------------------------------------------------------- reporting
 
+    def masks(self) -> dict[str, Tensor]:
+        """Each masked weight's current forward multiplier by weight name, shaped like the weight (a view: clone
+        it to keep it): 1 for kept and 0 for pruned weights, the soft value ``m`` of kept weights for Spartan.
+        Empty for ``dense``."""
+        return {t.name: t.expand(layer.keep) for t, layer in zip(self.tensors, self.layers) if layer.keep is not None}
+
     def report(self, input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
         """Per-layer and total densities, target vs actual; FLOPs when ``input_shape`` (or config's) is known.
 
-        Densities are fractions of weights kept (nonzero in the effective weight).
+        Densities are fractions of weights kept (nonzero in the effective weight); see :func:`measure_sparsity`
+        for the totals. Soft-mask methods add each layer's current ``beta`` (1/unit-value units).
         """
         target, per_layer = self._masked_densities(self.target_density())
         report = _density_report(self.model, self.tensors, self._kept_weights(), input_shape or self.config.input_shape)
         for i, row in enumerate(report["layers"]):
             row["density_target"] = target if per_layer is None else per_layer[i]
+        if self.method.soft_mask:
+            for group in self.groups:
+                for i in group.members:
+                    report["layers"][i]["beta"] = group.beta
         report["totals"].update(sparsity_target=1 - self.target_density(), accounting=self.config.accounting)
         return report
 
@@ -350,25 +321,45 @@ class Sparsifier:
     def _kept_weights(self) -> list[int]:
         """Weights each masked layer keeps: its hard mask's (blocks × block size), or its nonzero weights once
         finalized or before a mask exists."""
-        return [int(torch.count_nonzero(t.weight)) if self.finalized or m.keep is None
-                else int(torch.count_nonzero(m.keep)) * t.block_numel for t, m in zip(self.tensors, self.masks)]
+        return [
+            int(torch.count_nonzero(t.weight))
+            if self.finalized or layer.keep is None
+            else int(torch.count_nonzero(layer.keep)) * t.block_numel
+            for t, layer in zip(self.tensors, self.layers)
+        ]
 
     # -------------------------------------------------------------------------------------- checkpoints
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "total_steps": self.schedule.total_steps,
-                "tensors": [(t.name, tuple(t.shape), t.block) for t in self.tensors]}
+        return {
+            "config": self.config.to_dict(),
+            "total_steps": self.schedule.total_steps,
+            "tensors": [(t.name, tuple(t.shape), t.block) for t in self.tensors],
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Step, warm starts and (once frozen) the fixed masks; soft masks are recomputed from the weights."""
-        state = {"fingerprint": self._fingerprint(), "step": self.step_count, "frozen": self.frozen,
-                 "finalized": self.finalized,
-                 "groups": [{"lam": g.lam, "threshold": None if g.threshold is None else {
-                     "threshold": g.threshold.threshold, "tie_keep": g.threshold.tie_keep.cpu(),
-                     "kept_cost": g.threshold.kept_cost, "band": g.threshold.band},
-                     "hard": g.hard.cpu()} for g in self.groups]}
+        groups = []
+        for g in self.groups:
+            threshold = None
+            if g.threshold is not None:
+                t = g.threshold
+                threshold = {
+                    "threshold": t.threshold,
+                    "tie_keep": t.tie_keep.cpu(),
+                    "kept_cost": t.kept_cost,
+                    "band": t.band,
+                }
+            groups.append({"lam": g.lam, "threshold": threshold, "hard": g.hard.cpu()})
+        state = {
+            "fingerprint": self._fingerprint(),
+            "step": self.step_count,
+            "frozen": self.frozen,
+            "finalized": self.finalized,
+            "groups": groups,
+        }
         if self.frozen:
-            state["frozen_keep"] = [m.keep.cpu() for m in self.masks]
+            state["frozen_keep"] = [layer.keep.cpu() for layer in self.layers]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -376,19 +367,22 @@ class Sparsifier:
         mine, theirs = self._fingerprint(), state.get("fingerprint")
         if theirs != mine:
             path, saved, this = first_difference(theirs, mine)
-            raise ValueError(f"sparsifier state does not match this model/config: {path or 'state'}: saved "
-                             f"{saved!r}, this run {this!r}")
+            raise ValueError(
+                f"sparsifier state does not match this model/config: {path or 'state'}: saved {saved!r}, this run {this!r}"
+            )
         if state["finalized"]:
             raise ValueError("sparsifier state is from a finalized run; there is nothing to resume")
         self.step_count = state["step"]
         for group, saved in zip(self.groups, state["groups"]):
             group.lam = saved["lam"]
             t = saved["threshold"]
-            group.threshold = None if t is None else HardThreshold(
-                t["threshold"], t["tie_keep"].to(group.values.device), t["kept_cost"], tuple(t["band"]))
+            if t is not None:
+                tie_keep = t["tie_keep"].to(group.values.device)
+                t = HardThreshold(t["threshold"], tie_keep, t["kept_cost"], tuple(t["band"]))
+            group.threshold = t
         if state["frozen"]:
-            for tensor, mask, keep in zip(self.tensors, self.masks, state["frozen_keep"]):
-                mask.keep = keep.to(tensor.weight.device)
+            for tensor, layer, keep in zip(self.tensors, self.layers, state["frozen_keep"]):
+                layer.keep = keep.to(tensor.weight.device)
             self._use_fixed_masks()  # the optimizer state was pruned before it was saved
             return
         self.frozen = False
@@ -401,6 +395,10 @@ def measure_sparsity(model: nn.Module, config: SparsityConfig,
                      input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
     """The :meth:`Sparsifier.report` of a plain model (e.g. a finalized one, loaded from disk): zeros counted in
     the weights ``config`` selects (its ``include``/``exclude``/``block``), FLOPs when ``input_shape`` is given.
+
+    Totals: ``params`` / ``params_kept`` count every parameter of the model (all / nonzero-kept), ``params_masked``
+    / ``params_masked_kept`` the masked weights; ``sparsity_all`` and ``sparsity_masked`` are the fractions of
+    zeros over each; FLOPs are multiply-adds per sample in the masked layers.
     """
     tensors = find_masked_tensors(model, include=config.include, exclude=config.exclude, block=config.block,
                                   block_fallback=config.block_fallback)
@@ -423,9 +421,15 @@ def _density_report(model: nn.Module, tensors: list[MaskedTensor], kept: list[in
         layers.append(row)
     masked_total, masked_kept = sum(r["params"] for r in layers), sum(kept)
     all_params = sum(p.numel() for p in model.parameters())
-    totals = {"sparsity_masked": 1 - masked_kept / masked_total if masked_total else 0.0,
-              "sparsity_all": 1 - (all_params - masked_total + masked_kept) / all_params,
-              "params": all_params, "params_masked": masked_total, "params_kept": masked_kept}
+    all_kept = all_params - masked_total + masked_kept
+    totals = {
+        "sparsity_masked": 1 - masked_kept / masked_total if masked_total else 0.0,
+        "sparsity_all": 1 - all_kept / all_params,
+        "params": all_params,
+        "params_kept": all_kept,
+        "params_masked": masked_total,
+        "params_masked_kept": masked_kept,
+    }
     if flops is not None:
         dense = sum(r["flops_dense"] for r in layers)
         totals.update(flops_dense=dense, flops_sparse=sum(r["flops_sparse"] for r in layers))

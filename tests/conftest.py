@@ -9,7 +9,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from spartan.train import cli
 from spartan.train.config import TrainConfig, register
@@ -22,7 +21,7 @@ def compose_train(*overrides: str) -> TrainConfig:
     """``configs/train.yaml`` composed with ``overrides`` and validated, as ``train.py`` does."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
-    return cli.to_dataclass(cfg, OmegaConf.to_object)
+    return cli.to_dataclass(cfg)
 
 
 def clean_env(home: Path) -> dict[str, str]:

@@ -1,23 +1,24 @@
 """Data pipelines: ImageFolder and WebDataset loaders, augmentation, Mixup/CutMix, samplers, bad data."""
 
 import collections
+import dataclasses
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, compose_train, run_cli, write_image_folder
-from spartan.train.config import ConfigError, DataConfig
-from spartan.train.data import build_loaders
+from conftest import compose_train, run_cli, write_image_folder
+from spartan.train.data import build_loaders, get_backend
+from spartan.train.data.backends.digits import DigitsConfig
+from spartan.train.data.backends.ffcv import FFCVConfig
+from spartan.train.data.backends.imagefolder import ImageFolderConfig
+from spartan.train.data.ffcv_writer import write_split
 from spartan.train.data.samplers import RepeatedAugmentSampler
 from spartan.train.data.transforms import batch_mixer
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from write_ffcv import write_split  # noqa: E402
-from write_webdataset import write_shards  # noqa: E402
+from spartan.train.data.webdataset_writer import write_shards
+from spartan.train.errors import ConfigError
 
 CLASSES, PER_CLASS = 4, 6
 
@@ -43,10 +44,12 @@ def betons(images, tmp_path_factory) -> Path:
     return out
 
 
-def data_config(name: str, path: Path, **overrides) -> DataConfig:
-    fields = dict(name=name, path=str(path), channels=3, image_size=32, batch_size=4, num_classes=CLASSES,
-                  hflip=True, shuffle_buffer=8)
-    return DataConfig(**{**fields, **overrides})
+def data_config(name: str, path: Path, **overrides):
+    """Backend ``name``'s schema for the small test images (the keys it has of a common set, then ``overrides``)."""
+    schema = get_backend(name).schema
+    common = dict(path=str(path), image_size=32, batch_size=4, num_workers=0, num_classes=CLASSES, shuffle_buffer=8)
+    keys = {f.name for f in dataclasses.fields(schema)}
+    return schema(**{**{k: v for k, v in common.items() if k in keys}, **overrides})
 
 
 def epoch_labels(loader) -> collections.Counter:
@@ -113,14 +116,14 @@ def test_augmentation_options_run(images):
 
 @pytest.mark.parametrize("mixup, cutmix", [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
 def test_mixup_and_cutmix_give_soft_targets_summing_to_one(mixup, cutmix):
-    mix = batch_mixer(DataConfig(mixup_alpha=mixup, cutmix_alpha=cutmix, num_classes=5), 5)
+    mix = batch_mixer(DigitsConfig(mixup_alpha=mixup, cutmix_alpha=cutmix), 5)
     images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 5
     torch.manual_seed(0)
     mixed, targets = mix(images, labels)
     assert mixed.shape == images.shape and targets.shape == (8, 5)
     torch.testing.assert_close(targets.sum(1), torch.ones(8))
     assert (targets > 0).sum() > 8  # two classes per row: really mixed
-    assert batch_mixer(DataConfig(), 5) is None
+    assert batch_mixer(DigitsConfig(), 5) is None
 
 
 def test_repeated_augmentation_deals_copies_to_different_processes():
@@ -185,7 +188,8 @@ def test_train_py_runs_an_epoch_from_real_image_data(name, images, shards, beton
     path = {"imagefolder": images, "webdataset": shards, "ffcv": betons}[name]
     run_dir = tmp_path / "run"
     done = run_cli("train.py", "logger=none", "model=resnet18", f"data={name}", f"data.path={path}",
-                   "data.image_size=32", "data.batch_size=8", "data.num_workers=1", f"data.num_classes={CLASSES}",
+                   "data.image_size=32", "data.batch_size=8", "data.num_workers=1",
+                   *([] if name == "imagefolder" else [f"data.num_classes={CLASSES}"]),
                    "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "schedule.epochs=1", "sparsity.target=0.5",
                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -197,7 +201,7 @@ def test_train_py_runs_an_epoch_from_real_image_data(name, images, shards, beton
 
 def test_ffcv_and_webdataset_are_imported_only_when_selected(tmp_path):
     code = ("import sys, train, eval; from spartan.train.data import build_loaders; "
-            "from spartan.train.config import DataConfig; build_loaders(DataConfig()); "
+            "from spartan.train.data.backends.digits import DigitsConfig; build_loaders(DigitsConfig()); "
             "assert not {'ffcv', 'webdataset'} & set(sys.modules), sorted({'ffcv', 'webdataset'} & set(sys.modules))")
     done = run_cli("-c", code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -255,12 +259,14 @@ def test_evaluation_needs_only_the_validation_split(images, betons, tmp_path):
 
 def test_config_values_that_would_fail_later_are_refused():
     with pytest.raises(ConfigError, match="randaugment_magnitude"):
-        DataConfig(randaugment_magnitude=40)
+        ImageFolderConfig(path="/a", randaugment_magnitude=40)
     with pytest.raises(ConfigError, match="ramp_end_epoch"):
-        DataConfig(min_res=160)
+        FFCVConfig(path="/a", min_res=160)
     with pytest.raises(ConfigError, match="data.path"):
-        DataConfig(name="imagefolder", train_path="/a", val_path="/b")
-    from spartan.train.loop import resolve_amp
+        ImageFolderConfig()
+    with pytest.raises(ConfigError, match="data.persistent_workers=true is not available with data=webdataset"):
+        data_config("webdataset", "/a", persistent_workers=True)
+    from spartan.train.device import resolve_amp
 
     with pytest.raises(ConfigError, match="data.dtype=bfloat16 needs mixed precision"):
         resolve_amp("auto", torch.device("cpu"), "bfloat16")
@@ -271,7 +277,7 @@ def test_all_unreadable_batch_is_a_clear_error(tmp_path):
     for path in (root / "train").rglob("*.JPEG"):
         path.write_bytes(b"not a jpeg")
     config = compose_train("logger=none", "model=resnet18", "data=imagefolder", f"data.path={root}",
-                           "data.image_size=32", "data.batch_size=2", "data.num_classes=2", "schedule.epochs=1")
+                           "data.image_size=32", "data.batch_size=2", "schedule.epochs=1")
     from spartan.train.loop import train
 
     with warnings.catch_warnings():
@@ -284,7 +290,7 @@ def test_skipped_images_are_counted_in_the_metrics(tmp_path):
     root = write_image_folder(tmp_path / "images", CLASSES, PER_CLASS)
     (root / "train" / "n00000002" / "0.JPEG").write_bytes(b"broken")
     config = compose_train("logger=none", "model=resnet18", "data=imagefolder", f"data.path={root}",
-                           "data.image_size=32", "data.batch_size=8", f"data.num_classes={CLASSES}",
+                           "data.image_size=32", "data.batch_size=8",
                            "schedule.epochs=1")
     from spartan.train.loop import train
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-HELPERS = Path(__file__).parent / "helpers"
-sys.path.insert(0, str(HELPERS))
+from helpers.ddp_worker import run
 
-from ddp_worker import run  # noqa: E402
+HELPERS = Path(__file__).parent / "helpers"
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""data=ffcv: scripts/write_ffcv.py (folder → .beton, never hanging) and spartan.train.data.ffcv_loader.
+"""data=ffcv: spartan.train.data.ffcv_writer (folder → .beton, never hanging) and spartan.train.data.ffcv_loader.
 
 A small ImageNet-layout JPEG tree with one colour per class (so labels can be checked against pixels) is
 written once per module; every write runs under the script's own --timeout and pytest-timeout.
@@ -20,17 +20,17 @@ pytest.importorskip("ffcv")
 
 from ffcv.reader import Reader  # noqa: E402
 
-from spartan.train.config import ConfigError, DataConfig  # noqa: E402
-from spartan.train.data import ffcv_loader  # noqa: E402
-from spartan.train.data.ffcv_loader import epoch_resolution, ffcv_loaders  # noqa: E402
-from spartan.train.data.loaders import build_loaders  # noqa: E402
+from spartan.train.data import build_loaders, ffcv_loader  # noqa: E402
+from spartan.train.data import ffcv_writer as write_ffcv  # noqa: E402
+from spartan.train.data.backends.ffcv import FFCVConfig  # noqa: E402
+from spartan.train.data.ffcv_loader import ffcv_loaders  # noqa: E402
+from spartan.train.errors import ConfigError  # noqa: E402
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "write_ffcv.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import write_ffcv  # noqa: E402  (a plain import: the image-check pool pickles its functions by module name)
+
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220)]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 8, 5  # 40 training images (5 batches of 8), 25 validation images (odd)
@@ -63,10 +63,10 @@ def betons(tmp_path_factory):
     return out
 
 
-def config(path, **overrides) -> DataConfig:
-    values = {"name": "ffcv", "path": str(path), "channels": 3, "image_size": 48, "batch_size": 8,
-              "num_classes": len(COLOURS), "num_workers": 2, **overrides}
-    return DataConfig(**values)
+def config(path, **overrides) -> FFCVConfig:
+    values = {"path": str(path), "image_size": 48, "batch_size": 8, "num_classes": len(COLOURS), "num_workers": 2,
+              **overrides}
+    return FFCVConfig(**values)
 
 
 def normalized_colours() -> torch.Tensor:
@@ -152,7 +152,7 @@ def leftover_writers() -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "write_ffcv.py --_child" in cmdline:
+        if "spartan.train.data.ffcv_writer --_child" in cmdline:
             found.append(f"{pid}: {cmdline}")
     return found
 
@@ -191,7 +191,7 @@ def val_reference(betons):
 
 def test_validation_epoch_is_every_image_once_normalized(betons, val_reference):
     loaders, (images, labels) = val_reference
-    assert loaders.train is None and loaders.on_epoch is None and loaders.mix is None
+    assert loaders.train is None and loaders.on_epoch is None
     assert loaders.info.num_classes == 5 and loaders.info.input_shape == (3, 48, 48)
     assert (loaders.info.train_size, loaders.info.val_size) == (0, 5 * VAL_PER_CLASS)
     assert [len(x) for x in images] == [8, 8, 8, 1]
@@ -253,12 +253,12 @@ def test_training_epochs_resize_progressively_and_replay_on_resume(betons):
 
 
 def test_epoch_resolution():
-    base = {"name": "ffcv", "path": "x", "channels": 3, "image_size": 224}
-    assert [epoch_resolution(DataConfig(**base), e) for e in (0, 50)] == [224, 224]
-    ramp = DataConfig(**base, min_res=160, ramp_start_epoch=10, ramp_end_epoch=20)
-    assert [epoch_resolution(ramp, e) for e in (0, 10, 11, 15, 19, 20, 30)] == [160, 160, 160, 192, 192, 224, 224]
-    at_once = DataConfig(**base, min_res=128, ramp_start_epoch=5, ramp_end_epoch=5)
-    assert [epoch_resolution(at_once, e) for e in (4, 5)] == [128, 224]
+    base = {"path": "x", "image_size": 224}
+    assert [FFCVConfig(**base).epoch_resolution(e) for e in (0, 50)] == [224, 224]
+    ramp = FFCVConfig(**base, min_res=160, ramp_start_epoch=10, ramp_end_epoch=20)
+    assert [ramp.epoch_resolution(e) for e in (0, 10, 11, 15, 19, 20, 30)] == [160, 160, 160, 192, 192, 224, 224]
+    at_once = FFCVConfig(**base, min_res=128, ramp_start_epoch=5, ramp_end_epoch=5)
+    assert [at_once.epoch_resolution(e) for e in (4, 5)] == [128, 224]
 
 
 def test_config_errors(betons, tmp_path):
@@ -269,8 +269,6 @@ def test_config_errors(betons, tmp_path):
                      world=1, seed=0, device=CPU, train=True)
     with pytest.raises(ConfigError, match="data.num_classes=3 .* labels 0..4"):
         ffcv_loaders(config(betons, num_classes=3), rank=0, world=1, seed=0, device=CPU, train=False)
-    with pytest.raises(ConfigError, match="data.auto_augment='randaugment' is not available with data=ffcv"):
-        ffcv_loaders(config(betons, auto_augment="randaugment"), rank=0, world=1, seed=0, device=CPU, train=True)
     with pytest.raises(ConfigError, match="exceeds the 40 training images"):
         ffcv_loaders(config(betons, batch_size=64), rank=0, world=1, seed=0, device=CPU, train=True)
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):

@@ -1,7 +1,6 @@
 """spartan.train.data.ffcv_decoder: the crop rules against torchvision's, and the decoder's pixels against OpenCV
 on images whose stored pixels are known (raw) or nearly known (JPEG of smooth images)."""
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import cv2  # noqa: E402
 import numba  # noqa: E402
 from torchvision.transforms import RandomResizedCrop  # noqa: E402
 
-from spartan.train.config import DataConfig  # noqa: E402
+from spartan.train.data import ffcv_writer as write_ffcv  # noqa: E402
+from spartan.train.data.backends.ffcv import FFCVConfig  # noqa: E402
 from spartan.train.data.ffcv_decoder import (CropResizeDecoder, center_crop, flip_horizontally,  # noqa: E402
                                              random_resized_crop)
 from spartan.train.data.ffcv_loader import ffcv_loaders  # noqa: E402
@@ -24,8 +24,6 @@ from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E
 
 pytestmark = pytest.mark.timeout(180)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import write_ffcv  # noqa: E402
 
 IMAGES = 13  # batches of 4 with 2 threads: per-thread scratch rows, then a last batch of 1 (a row per image)
 SIZE = 28
@@ -117,8 +115,8 @@ def stored(tmp_path_factory):
 def decoded(file: Path, train: bool, **overrides) -> tuple[np.ndarray, np.ndarray]:
     """One epoch of ``data=ffcv`` (batches of 4, 2 threads unless overridden) from ``file``, un-normalized to
     uint8 H×W×3 levels (as floats), and the labels."""
-    config = DataConfig(**{"name": "ffcv", "train_path": str(file), "val_path": str(file), "channels": 3,
-                           "image_size": SIZE, "batch_size": 4, "num_classes": IMAGES, "num_workers": 2, **overrides})
+    config = FFCVConfig(**{"train_path": str(file), "val_path": str(file), "image_size": SIZE, "batch_size": 4,
+                           "num_classes": IMAGES, "num_workers": 2, **overrides})
     loaders = ffcv_loaders(config, rank=0, world=1, seed=0, device=torch.device("cpu"), train=train)
     batches = [(images.clone(), labels.clone()) for images, labels in (loaders.train if train else loaders.val)]
     images = torch.cat([images for images, _ in batches]).permute(0, 2, 3, 1)

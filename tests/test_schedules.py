@@ -5,11 +5,11 @@ import math
 import pytest
 
 from spartan import SparsityConfig
-from spartan.schedules import Schedule
+from spartan.config import ConfigFieldError
 
 
 def schedule(total_steps, target, **fields):
-    return Schedule(SparsityConfig(target=target, **fields), total_steps)
+    return SparsityConfig(target=target, **fields).schedule(total_steps)
 
 
 def test_density_anneals_over_warmup_then_holds():
@@ -64,19 +64,20 @@ def test_no_finetune_never_freezes_before_the_end():
 @pytest.mark.parametrize("steps", [0, -3, 10.5, True])
 def test_bad_total_steps(steps):
     with pytest.raises(ValueError, match="total_steps must be a positive integer"):
-        Schedule(SparsityConfig(), steps)
+        SparsityConfig().schedule(steps)
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"density_init": 0.05}, r"sparsity.density_init must be in \[1 - target = 0.1, 1\], got 0.05"),
-    ({"warmup_frac": -0.1}, r"sparsity.warmup_frac must be in \[0, 1\], got -0.1"),
-    ({"finetune_frac": 1.5}, r"sparsity.finetune_frac must be in \[0, 1\], got 1.5"),
-    ({"warmup_frac": 0.7, "finetune_frac": 0.5}, r"sparsity.warmup_frac \+ sparsity.finetune_frac must be <= 1"),
-    ({"density_schedule": "exp"}, r"sparsity.density_schedule must be one of \('linear', 'cosine', 'cubic'\)"),
-    ({"beta_schedule": "cubic"}, r"sparsity.beta_schedule must be one of \('linear', 'geometric'\)"),
-    ({"beta_init": 0.0}, "sparsity.beta_init must be a finite number > 0, got 0.0"),
-    ({"beta_final": math.inf}, "sparsity.beta_final must be a finite number > 0, got inf"),
+    ({"density_init": 0.05}, r"density_init must be in \[1 - target = 0.1, 1\], got 0.05"),
+    ({"warmup_frac": -0.1}, r"warmup_frac must be in \[0, 1\], got -0.1"),
+    ({"finetune_frac": 1.5}, r"finetune_frac must be in \[0, 1\], got 1.5"),
+    ({"warmup_frac": 0.7, "finetune_frac": 0.5}, r"warmup_frac \+ finetune_frac must be <= 1"),
+    ({"density_schedule": "exp"}, r"density_schedule must be one of \('linear', 'cosine', 'cubic'\)"),
+    ({"beta_schedule": "cubic"}, r"beta_schedule must be one of \('linear', 'geometric'\)"),
+    ({"beta_init": 0.0}, "beta_init must be a finite number > 0, got 0.0"),
+    ({"beta_final": math.inf}, "beta_final must be a finite number > 0, got inf"),
 ])
 def test_bad_schedule_fields_name_the_field(fields, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigFieldError, match=f"^{message}") as error:
         SparsityConfig(**fields)
+    assert error.value.field == next(iter(fields))  # structured: the trainer adds its own key prefix

@@ -11,6 +11,7 @@ from torch import nn
 
 import spartan
 from spartan import Sparsifier, SparsityConfig
+from spartan.config import ConfigFieldError
 from spartan.reference import sorted_hard_topk
 
 
@@ -74,7 +75,7 @@ def check_finalized(model, build, sparsifier, config):
     else:
         assert abs(zeros - config.target * masked) <= block
     totals = sparsifier.report()["totals"]
-    assert totals["params_kept"] == masked - zeros
+    assert totals["params_masked_kept"] == masked - zeros and totals["params_kept"] == params - zeros
     assert totals["sparsity_all"] == pytest.approx(zeros / params, abs=1e-12)
 
 
@@ -158,7 +159,7 @@ def test_flops_weighted_global_allocation_keeps_fewer_costly_weights():
     values = torch.cat([model.a.weight.detach().abs().reshape(-1), model.b.weight.detach().abs().reshape(-1)])
     costs = torch.cat([torch.full((576,), 64.0), torch.full((576,), 32.0)])
     expected, _ = sorted_hard_topk(values, 0.3 * float(costs.sum()), costs)  # by value per cost
-    keeps = torch.cat([m.keep.reshape(-1) for m in sparsifier.masks]).bool()
+    keeps = torch.cat([m.reshape(-1) for m in sparsifier.masks().values()]).bool()
     assert torch.equal(keeps, expected)
     kept_a, kept_b = int(keeps[:576].sum()), int(keeps[576:].sum())
     assert kept_a < kept_b
@@ -207,13 +208,13 @@ def test_magnitude_pruned_weights_get_no_gradient_and_stay_zero_through_finetune
     train(model, sparsifier, optimizer, 2)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     nn.functional.cross_entropy(model(x), y).backward()
-    for t, m in zip(sparsifier.tensors, sparsifier.masks):
-        pruned = t.expand(m.keep) == 0
+    for t, mask in zip(sparsifier.tensors, sparsifier.masks().values()):
+        pruned = mask == 0
         assert pruned.any() and (t.weight.grad[pruned] == 0).all()
     optimizer.zero_grad()
     train(model, sparsifier, optimizer, 3)  # through the freeze at step 5
     assert sparsifier.frozen
-    pruned = [t.expand(m.keep) == 0 for t, m in zip(sparsifier.tensors, sparsifier.masks)]
+    pruned = [mask == 0 for mask in sparsifier.masks().values()]
     train(model, sparsifier, optimizer, 5, seed=1)
     for t, p in zip(sparsifier.tensors, pruned):
         assert (t.weight[p] == 0).all()
@@ -230,8 +231,8 @@ def test_dual_averaging_methods_keep_updating_pruned_weights_before_the_freeze(m
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     nn.functional.cross_entropy(model(x), y).backward()
     sparsifier.finish_backward()
-    for t, m in zip(sparsifier.tensors, sparsifier.masks):
-        pruned = t.expand(m.keep) == 0
+    for t, mask in zip(sparsifier.tensors, sparsifier.masks().values()):
+        pruned = mask == 0
         assert (t.weight.grad[pruned] != 0).float().mean() > 0.5
 
 
@@ -295,10 +296,27 @@ def test_deepcopy_and_state_dict_saving_work_in_every_phase():
 
 
 def test_optimizer_may_be_created_before_or_after():
-    model = SmallCNN()
-    before = {id(p) for p in model.parameters()}
-    Sparsifier(model, SparsityConfig(target=0.5), total_steps=3)
-    assert {id(p) for p in model.parameters()} == before
+    config = SparsityConfig(target=0.7, warmup_frac=0.5, finetune_frac=0.25)
+    runs = {}
+    for order in ("before", "after"):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        parameters = {id(p) for p in model.parameters()}
+        if order == "before":
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+            sparsifier = Sparsifier(model, config, total_steps=8, optimizer=optimizer)
+        else:
+            sparsifier = Sparsifier(model, config, total_steps=8)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        assert {id(p) for p in model.parameters()} == parameters  # the Parameters kept their identity
+        assert train(model, sparsifier, optimizer, 6)[-1]["frozen"]  # the freeze step
+        if order == "after":  # the Sparsifier does not know this optimizer: prune its state as documented
+            sparsifier.prune_optimizer_state(optimizer)
+        train(model, sparsifier, optimizer, 2, skip=6)
+        assert all(t.weight in optimizer.state for t in sparsifier.tensors)  # masked weights were optimized
+        runs[order] = sparsifier.finalize().state_dict()
+    assert all(torch.equal(runs["before"][k], runs["after"][k]) for k in runs["before"])
+    assert sum(int((v == 0).sum()) for k, v in runs["after"].items() if k.endswith("weight")) > 0
 
 
 def test_forgetting_finish_backward_is_an_error():
@@ -324,17 +342,18 @@ def test_telemetry_reports_the_schedule_and_the_solver():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"target": 1.0}, r"sparsity.target must be a sparsity in \[0, 1\), got 1.0"),
-    ({"target": -0.1}, r"sparsity.target must be a sparsity in \[0, 1\)"),
-    ({"method": "rigl"}, "sparsity.method must be one of"),
-    ({"allocation": "random"}, "sparsity.allocation must be one of"),
-    ({"cost": "energy"}, "sparsity.cost must be one of"),
-    ({"density_schedule": "exp"}, "sparsity.density_schedule must be one of"),
-    ({"cost": "flops"}, "sparsity.input_shape .* is required with sparsity.cost=flops"),
+    ({"target": 1.0}, r"target must be a sparsity in \[0, 1\), got 1.0"),
+    ({"target": -0.1}, r"target must be a sparsity in \[0, 1\)"),
+    ({"method": "rigl"}, "method must be one of"),
+    ({"allocation": "random"}, "allocation must be one of"),
+    ({"cost": "energy"}, "cost must be one of"),
+    ({"density_schedule": "exp"}, "density_schedule must be one of"),
+    ({"cost": "flops"}, "input_shape .* is required with cost=flops"),
 ])
 def test_bad_config_names_the_field(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigFieldError, match=f"^{message}") as error:
         SparsityConfig(**kwargs)
+    assert error.value.field == message.split()[0]
 
 
 @pytest.mark.parametrize("config,steps,message", [
@@ -408,6 +427,6 @@ def test_fallback_layers_use_the_unstructured_beta():
     config = SparsityConfig(target=0.5, block=(4, 4), block_fallback=True, allocation="uniform", beta_init=2,
                             beta_final=2, warmup_frac=0.0, finetune_frac=1.0)  # β is final at step 0
     sparsifier = Sparsifier(model, config, total_steps=10)
-    betas = {sparsifier.tensors[g.members[0]].name: g.correction.beta for g in sparsifier.groups}
+    betas = {row["name"]: row["beta"] for row in sparsifier.report()["layers"]}
     assert betas["conv1.weight"] == pytest.approx(2.0)  # (64, 3, 7, 7): unstructured fallback
     assert betas["layer1.0.conv1.weight"] == pytest.approx(8.0)  # 2 * sqrt(16)

@@ -93,8 +93,12 @@ def test_compiled_and_eager_kernels_agree():
     for compiled in (True, False):
         kernels.set_compile(compiled)
         try:
-            results[compiled] = (spartan.solve_soft_topk(values, budget, beta, costs),
-                                 spartan.hard_threshold(values, budget, costs))
+            with warnings.catch_warnings():
+                # A failed compilation falls back to the eager kernels with this warning: here it must fail the
+                # test, which would otherwise compare eager with eager.
+                warnings.filterwarnings("error", message="spartan: torch.compile", category=RuntimeWarning)
+                results[compiled] = (spartan.solve_soft_topk(values, budget, beta, costs),
+                                     spartan.hard_threshold(values, budget, costs))
         finally:
             kernels.set_compile(True)
     (soft_c, hard_c), (soft_e, hard_e) = results[True], results[False]

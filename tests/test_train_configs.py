@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose_train
-from spartan.train.config import ConfigError
+from conftest import ROOT, compose_train, write_image_folder
+from spartan.train.errors import ConfigError
 from spartan.train.loop import Run
 from spartan.train.optim import lr_factor
 
@@ -22,10 +22,16 @@ def test_the_issue_list_of_experiments_ships():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_builds(experiment, tmp_path):
-    # ImageNet is not here: the experiment's model, sparsity, schedule and optimizer on synthetic images.
-    data = [] if experiment.startswith("digits") else ["data=synthetic", "data.train_size=512", "data.val_size=4"]
+    # ImageNet is not here: the experiment's model, sparsity, schedule and optimizer on synthetic images, or (the
+    # ViT recipes set RandAugment, which only the image backends have) on a tiny image folder.
+    if experiment.startswith("digits"):
+        data = []
+    elif experiment.startswith("vitb16"):
+        data = [f"data.path={write_image_folder(tmp_path / 'images')}", "data.num_workers=0", "data.batch_size=4"]
+    else:
+        data = ["data=synthetic", "data.train_size=512", "data.val_size=4"]
     config = compose_train(f"experiment={experiment}", *data, "logger=none", "trainer.device=cpu")
-    run = Run(config, tmp_path)
+    run = Run(config, tmp_path / "run")
     assert config.name == experiment
     method = experiment.split("_")[1]
     expected_method = {"dense": "dense", "spartan": "spartan", "topkast": "topkast", "magnitude": "magnitude",
@@ -102,3 +108,72 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(total, total, warmup, "cosine", 0.001) == pytest.approx(0.001)
     assert lr_factor(55, total, warmup, "linear", 0.0) == pytest.approx(0.5)
     assert lr_factor(90, total, warmup, "constant", 0.0) == 1.0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data=imagefolder", "data.path=/x", "data.min_res=160"], "min_res"),
+    (["data=ffcv", "data.path=/x", "data.interpolation=bilinear"], "interpolation"),
+    (["data=ffcv", "data.path=/x", "data.auto_augment=randaugment"], "auto_augment"),
+    (["data=ffcv", "data.path=/x", "data.repeated_augment=3"], "repeated_augment"),
+    (["data=webdataset", "data.path=/x", "data.repeated_augment=3"], "repeated_augment"),
+    (["data=digits", "data.path=/x"], "path"),
+])
+def test_a_key_of_another_data_option_fails_at_composition(overrides, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_train(*overrides)
+    assert f"Key '{key}' not in" in str(error.value.__cause__ or error.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+data.hflip=true", "data.hflip is not a key of SyntheticConfig"),
+    ("+optim.momentun=0.8", "optim.momentun is not a key of OptimConfig"),
+    ("+sparsity.beta=3", "sparsity.beta is not a key of SparsityConfig"),
+])
+def test_a_key_added_to_a_typed_group_is_an_error(override, message):
+    # Hydra's +key=value forces the key into the structured config, where it would silently do nothing.
+    with pytest.raises(ConfigError, match=message):
+        compose_train("data=synthetic", override)
+
+
+def test_every_data_backend_is_an_option_with_its_own_schema():
+    from spartan.train.data import all_backends
+
+    options = sorted(p.stem for p in (ROOT / "configs" / "data").glob("*.yaml"))
+    assert options == sorted(all_backends())
+    for name, backend in all_backends().items():
+        path = ["data.path=/x"] if "path" in backend.schema.__dataclass_fields__ else []
+        config = compose_train(f"data={name}", *path)
+        assert type(config.data) is backend.schema and config.data.name == name
+
+
+GROUP_SCHEMAS = {"model": "ModelConfig", "sparsity": "SparsityConfig", "schedule": "ScheduleConfig",
+                 "optim": "OptimConfig", "trainer": "TrainerConfig", "logger": "LoggerConfig"}
+
+
+def test_group_options_do_not_repeat_their_schema_defaults():
+    # Each default lives in one place, the schema: an option's YAML holds only what differs from it.
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    import spartan.train.config as schemas
+    from spartan import SparsityConfig
+    from spartan.train.data import get_backend
+
+    for path in sorted((ROOT / "configs").glob("*/*.yaml")):
+        group = path.parent.name
+        if group == "experiment":
+            continue
+        values = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        values.pop("defaults", None)
+        if group == "data":
+            schema = get_backend(path.stem).schema
+        else:
+            schema = SparsityConfig if group == "sparsity" else getattr(schemas, GROUP_SCHEMAS[group])
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(schema)}
+        for key, value in values.items():
+            default = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
+            assert value != default, f"{path.relative_to(ROOT)}: {key}: {value!r} repeats the schema's default"

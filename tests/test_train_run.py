@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import compose_train, run_cli, write_image_folder
-from spartan.train.config import ConfigError
+from spartan.train.errors import ConfigError
 from spartan.train.loop import train
 from spartan.train.models import digits_cnn
 
@@ -51,6 +51,20 @@ def test_out_of_the_box_run_then_eval_agrees(tmp_path):
     assert result["sparsity_all"] == pytest.approx(summary["sparsity_all"])
     assert result["flops_sparse"] == summary["flops_sparse"] and len(result["layers"]) == 4
     assert f"val top-1 {100 * summary['val_top1']:.2f}%" in done.stdout
+    # eval.py takes keys of every data option, checked against the run's own.
+    done = run_cli("eval.py", f"run_dir={run_dir}", "data.min_res=160", cwd=tmp_path)
+    assert done.returncode == 2 and "data.min_res is not a key of data=digits" in done.stderr
+
+
+@pytest.mark.parametrize("content, cause", [
+    (b"not a checkpoint", "UnpicklingError: Unsupported operand"),  # the weights-only unpickler's reason
+    (None, "RuntimeError: PytorchStreamReader failed reading zip archive"),  # a truncated file
+])
+def test_an_unreadable_checkpoint_is_named_with_its_cause(finished_run, tmp_path, content, cause):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(content if content is not None else (finished_run / "checkpoints" / "last.pt").read_bytes()[:4000])
+    done = run_cli("train.py", "logger=none", f"resume={bad}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 2 and f"is not a readable checkpoint ({cause}" in done.stderr, done.stderr
 
 
 def test_sweep_runs_one_job_per_value(tmp_path):

@@ -1,24 +1,39 @@
-"""Crash-safe, self-describing checkpoints and run metadata (code version, environment)."""
+"""The training checkpoint: this module owns its format — version, contents, saving, loading, checks, restoring.
+
+A checkpoint (``<run dir>/checkpoints/last.pt``) is a dict of tensors, numbers and strings (it loads with
+``torch.load(weights_only=True)``) in format :data:`FORMAT`:
+
+- ``format``, ``epoch``, ``step``, ``progress`` (epoch, step, training seconds, images), ``val`` (the last
+  validation metrics), ``steps_per_epoch``, ``amp`` (the autocast dtype);
+- ``model``, ``optimizer``, ``lr_schedule``, ``scaler`` and ``sparsifier`` state dicts (the model's keys of masked
+  weights are ``<module>.parametrizations.weight.original`` while masks are attached);
+- ``train_config`` (the validated config as a dict), ``config`` (the resolved Hydra config), ``git``, ``env``.
+
+No random state is stored: every epoch's randomness is re-derived from the seed (:mod:`spartan.train.seeding`).
+Training writes it (:meth:`Checkpoint.capture`, :meth:`Checkpoint.save`), resume reads and checks it
+(:meth:`Checkpoint.load`, :meth:`Checkpoint.check_resume`, :meth:`Checkpoint.restore`), and ``eval.py`` turns it
+into the plain sparse model training would have ended with (:func:`load_weights`, :meth:`Checkpoint.final_model`).
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
-from spartan.train.config import ConfigError
+from spartan.config import SparsityConfig, first_difference
+from spartan.train.errors import ConfigError
+from spartan.train.models import build_sparsifier
+from spartan.train.provenance import environment, git_version
 
 FORMAT = "spartan.checkpoint/1"
 LAST = Path("checkpoints") / "last.pt"
+
+RESUME_MUST_MATCH = ("model", "sparsity", "schedule", "optim", "seed")
+"""Config sections a resumed run must share with its checkpoint (logging, devices, workers, cadence may change)."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -29,79 +44,134 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A training checkpoint written by :func:`atomic_save` (tensors, numbers and strings only)."""
+def _read(path: Path, purpose: str) -> Any:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"resume: {str(path)!r} is not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ConfigError(f"resume: {str(path)!r} is not a spartan training checkpoint (format {FORMAT})")
-    return state
+        raise ConfigError(f"{purpose}: {str(path)!r} is not a readable checkpoint ({_cause(err)})") from err
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint ``resume`` points at: ``auto`` = this run dir's last one if any, a file, or a run dir."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        path = run_dir / LAST
-        return path if path.is_file() else None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / LAST
-    if not path.is_file():
-        raise ConfigError(f"resume={resume!r} does not exist (give auto, a checkpoint file or a run directory "
-                         f"holding {LAST})")
-    return path
+def _cause(err: Exception) -> str:
+    """``Type: message`` of a failed ``torch.load``; of the weights-only unpickler's long message, its reason."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def seed_everything(seed: int, *streams: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and ``random`` from ``seed`` and optional stream ids (rank, epoch)."""
-    derived = int(np.random.SeedSequence([seed, *streams]).generate_state(1)[0]) if streams else seed
-    torch.manual_seed(derived)
-    np.random.seed(derived)
-    random.seed(derived)
+def _is_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and isinstance(state.get("format"), str) and state["format"].startswith("spartan.")
 
 
-def check_fresh_run_dir(run_dir: Path) -> None:
-    """A new run must not overwrite an earlier run's checkpoint, final model or metrics."""
-    earlier = [name for name in (str(LAST), "model_final.pt", "metrics.jsonl") if (run_dir / name).exists()]
-    if earlier:
-        raise ConfigError(f"hydra.run.dir={str(run_dir)!r} already holds a run ({', '.join(earlier)}): continue it "
-                          f"with resume=auto, or choose a new hydra.run.dir")
+class Checkpoint:
+    """One training checkpoint in memory (``state``, the dict described in the module docstring)."""
+
+    def __init__(self, state: dict[str, Any], path: Path | None = None):
+        self.state, self.path = state, path
+
+    @classmethod
+    def capture(
+        cls,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_schedule: Any,
+        scaler: torch.amp.GradScaler,
+        sparsifier: Any,
+        progress: dict[str, Any],
+        amp_dtype: torch.dtype | None,
+        train_config: dict[str, Any],
+        run_config: dict[str, Any],
+        steps_per_epoch: int,
+        val: dict[str, float],
+        world: int,
+    ) -> Checkpoint:
+        """The state of a run between two optimizer steps."""
+        return cls({
+            "format": FORMAT,
+            "epoch": progress["epoch"],
+            "step": progress["step"],
+            "progress": progress,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_schedule": lr_schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "sparsifier": sparsifier.state_dict(),
+            "amp": str(amp_dtype),
+            "train_config": train_config,
+            "config": run_config,
+            "steps_per_epoch": steps_per_epoch,
+            "val": val,
+            "git": git_version(),
+            "env": environment(world),
+        })
+
+    def save(self, path: Path) -> None:
+        atomic_save(self.state, path)
+
+    @classmethod
+    def load(cls, path: Path, purpose: str = "resume") -> Checkpoint:
+        """A training checkpoint from ``path``; a :class:`ConfigError` (prefixed ``purpose``) for anything else."""
+        return cls._checked(_read(path, purpose), path, purpose)
+
+    @classmethod
+    def _checked(cls, state: Any, path: Path, purpose: str) -> Checkpoint:
+        if not _is_checkpoint(state):
+            raise ConfigError(f"{purpose}: {str(path)!r} is not a spartan training checkpoint (format {FORMAT})")
+        if state["format"] != FORMAT:
+            raise ConfigError(
+                f"{purpose}: {str(path)!r} has checkpoint format {state['format']!r}; this version reads {FORMAT!r}"
+            )
+        return cls(state, path)
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    def check_resume(self, train_config: dict[str, Any], amp_dtype: torch.dtype | None, trainer_amp: str,
+                     steps_per_epoch: int) -> None:
+        """A :class:`ConfigError` naming the first key in which this run differs from the checkpoint's, if any."""
+        saved, where = self.state["train_config"], self.path
+        for section in RESUME_MUST_MATCH:
+            if saved[section] != train_config[section]:
+                key, before, now = first_difference(saved[section], train_config[section], section)
+                raise ConfigError(
+                    f"resume: {where} was trained with {key}={before!r}, this run has {key}={now!r} (resume with "
+                    f"the same value, or start a new run)"
+                )
+        if self.state["amp"] != str(amp_dtype):
+            raise ConfigError(
+                f"resume: {where} was trained with autocast dtype {self.state['amp']}, trainer.amp={trainer_amp} "
+                f"gives {amp_dtype} here (keep the precision)"
+            )
+        if self.state["steps_per_epoch"] != steps_per_epoch:
+            raise ConfigError(
+                f"resume: {where} has {self.state['steps_per_epoch']} steps per epoch, this run {steps_per_epoch} "
+                f"(keep data.batch_size × processes × trainer.accumulate)"
+            )
+
+    def restore(self, *, model: nn.Module, sparsifier: Any, optimizer: torch.optim.Optimizer, lr_schedule: Any,
+                scaler: torch.amp.GradScaler) -> tuple[dict[str, Any], dict[str, float]]:
+        """Load every state into the built objects; return ``(progress, val metrics)``."""
+        model.load_state_dict(self.state["model"])
+        sparsifier.load_state_dict(self.state["sparsifier"])  # after the weights: masks are rebuilt from them
+        optimizer.load_state_dict(self.state["optimizer"])
+        lr_schedule.load_state_dict(self.state["lr_schedule"])
+        scaler.load_state_dict(self.state["scaler"])
+        return self.state["progress"], self.state["val"]
+
+    def final_model(self, model: nn.Module, sparsity: SparsityConfig) -> nn.Module:
+        """``model`` (freshly built, like the checkpoint's) with these weights, the masks frozen and baked in as if
+        training had ended here."""
+        total_steps = self.state["sparsifier"]["fingerprint"]["total_steps"]
+        sparsifier = build_sparsifier(model, sparsity, total_steps)
+        model.load_state_dict(self.state["model"])
+        sparsifier.load_state_dict(self.state["sparsifier"])
+        return sparsifier.finalize()
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` (epochs a crashed run logged but did not checkpoint)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-
-
-def git_version() -> str:
-    """``<commit>`` of the code that runs, ``+dirty`` if it has uncommitted changes, or ``unknown``."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-def environment(world: int) -> dict[str, Any]:
-    import torchvision
-
-    env = {"python": sys.version.split()[0], "torch": str(torch.__version__),
-           "torchvision": str(torchvision.__version__),
-           "platform": platform.platform(), "host": socket.gethostname(), "processes": world,
-           "cpu_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
-    if torch.cuda.is_available():
-        env.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name())
-    return env
+def load_weights(path: Path) -> Checkpoint | dict[str, torch.Tensor]:
+    """A weights file for evaluation: a training :class:`Checkpoint`, or a plain state_dict (``model_final.pt``)."""
+    state = _read(path, "checkpoint")
+    return Checkpoint._checked(state, path, "checkpoint") if _is_checkpoint(state) else state

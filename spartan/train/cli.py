@@ -1,15 +1,19 @@
 """What ``train.py`` and ``eval.py`` share around Hydra (without importing it): run-dir pinning under
-torchrun, turning the composed config into validated dataclasses, and one-line errors."""
+torchrun, turning the composed config into validated dataclasses (OmegaConf), and one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from spartan.train.config import ConfigError
+from omegaconf import DictConfig, OmegaConf
+
+from spartan.config import ConfigFieldError
+from spartan.train.errors import ConfigError
 from spartan.train.distributed import init_process_group, launched_by_torchrun, shared_timestamp, shutdown
 
 
@@ -30,18 +34,41 @@ def prepare_torchrun(argv: list[str]) -> list[str]:
     return argv
 
 
-def to_dataclass(cfg: Any, to_object: Callable[[Any], Any]) -> Any:
-    """``OmegaConf.to_object`` (passed in) with value errors reported as :class:`ConfigError`."""
+def to_dataclass(cfg: DictConfig) -> Any:
+    """The composed config as its validated schema dataclasses; bad values are reported as :class:`ConfigError`
+    (the library's :class:`spartan.config.ConfigFieldError` — the ``sparsity`` schema is
+    :class:`spartan.SparsityConfig` — gets the ``sparsity.`` prefix)."""
+    unknown = list(_unknown_keys(cfg))
+    if unknown:
+        key, schema = unknown[0]
+        raise ConfigError(f"{key} is not a key of {schema} (a +{key}=... override adds nothing to a typed group)")
     try:
-        return to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except ConfigError:
         raise
-    except Exception as err:  # OmegaConf wraps errors raised by __post_init__ and reports missing values
+    except ConfigFieldError as err:
+        raise ConfigError(f"sparsity.{err}") from None
+    except Exception as err:  # OmegaConf reports missing values, and may wrap errors raised by __post_init__
         cause = err.__cause__ or err.__context__
         while isinstance(cause, Exception) and not isinstance(cause, ValueError) and cause.__cause__ is not None:
             cause = cause.__cause__
+        if isinstance(cause, ConfigFieldError):
+            raise ConfigError(f"sparsity.{cause}") from None
         message = str(cause) if isinstance(cause, ValueError) else str(err).splitlines()[0]
         raise ConfigError(message) from None
+
+
+def _unknown_keys(cfg: DictConfig, path: str = "") -> Iterator[tuple[str, str]]:
+    """``(dotted key, schema name)`` of keys a typed node holds but its schema does not declare: what Hydra's
+    ``+key=value`` forces into a structured config, and ``OmegaConf.to_object`` would silently drop."""
+    schema = OmegaConf.get_type(cfg)
+    declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in cfg.keys():
+        if declared is not None and key not in declared:
+            yield f"{path}{key}", schema.__name__
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            yield from _unknown_keys(node, f"{path}{key}.")
 
 
 def fail(message: str) -> None:
@@ -67,7 +94,7 @@ def exit_distributed() -> None:
     """After a successful run under torchrun: leave the group and exit at once.
 
     gloo processes abort at interpreter exit in ~30% of runs after ``destroy_process_group()`` (torch 2.14,
-    DESIGN.md §3); exiting with ``os._exit(0)`` after flushing skips that teardown.
+    docs/design.md §6); exiting with ``os._exit(0)`` after flushing skips that teardown.
     """
     if launched_by_torchrun():
         shutdown()

@@ -64,6 +64,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return packed.tolist()
 
 
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics, which drift apart per rank) on every process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's ``flag`` on every process (e.g. whether a checkpoint exists)."""
     box = [flag]

@@ -1,4 +1,5 @@
-"""Evaluate a trained model: a run's ``model_final.pt`` (a plain state_dict) or a training checkpoint."""
+"""Evaluation: the validation pass the trainer runs, and ``eval.py``'s evaluation of a run's final model
+(``model_final.pt``, a plain state_dict) or of a training checkpoint."""
 
 from __future__ import annotations
 
@@ -8,14 +9,52 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from spartan import measure_sparsity
-from spartan.train.checkpoint import FORMAT
-from spartan.train.config import ConfigError, TrainConfig
+from spartan.train.checkpoint import Checkpoint, load_weights
+from spartan.train.config import TrainConfig
 from spartan.train.data import build_loaders
-from spartan.train.distributed import current_process
-from spartan.train.loop import build_sparsifier, evaluate, resolve_amp, resolve_device
+from spartan.train.device import autocast, memory_format, resolve_amp, resolve_device
+from spartan.train.distributed import all_reduce_sum, current_process
+from spartan.train.errors import ConfigError
 from spartan.train.models import build_model
+from spartan.train.seeding import seed_everything
+
+SPARSITY_FIELDS = ("sparsity_all", "sparsity_masked", "params", "params_kept", "params_masked", "params_masked_kept",
+                   "flops_dense", "flops_sparse", "flops_reduction")
+"""The sparsity totals that ``summary.json`` and ``eval.json`` both record, with the same meaning
+(:func:`spartan.measure_sparsity`)."""
+
+
+def sparsity_fields(totals: dict[str, Any]) -> dict[str, Any]:
+    return {key: totals[key] for key in SPARSITY_FIELDS}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
+             layout: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+    """Top-1, top-5 (fractions) and mean cross-entropy over ``loader``, summed over all processes."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    for batch in loader:
+        if batch is None:  # every image of this batch was unreadable (skipped with warnings)
+            continue
+        images, targets = batch
+        images = images.to(device, non_blocking=True, memory_format=layout)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += float((top[:, 0] == targets).sum())
+        correct5 += float((top == targets[:, None]).any(1).sum())
+        count += len(targets)
+    model.train(was_training)
+    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "images": int(count)}
 
 
 def find_weights(run_dir: Path | None, checkpoint: Path | None) -> tuple[Path, Path]:
@@ -35,18 +74,14 @@ def find_weights(run_dir: Path | None, checkpoint: Path | None) -> tuple[Path, P
     return run_dir, weights
 
 
-def load_model(config: TrainConfig, weights: Path, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, str]:
+def load_model(config: TrainConfig, weights: Path, num_classes: int, in_channels: int,
+               device: torch.device) -> tuple[nn.Module, str]:
     """The plain sparse model from ``weights``; a training checkpoint is finalized as if training ended there."""
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, num_classes, config.data.channels).to(device)
-    state = torch.load(weights, map_location=device, weights_only=True)
-    if isinstance(state, dict) and state.get("format") == FORMAT:
-        checkpoint = state
-        total_steps = checkpoint["sparsifier"]["fingerprint"]["total_steps"]
-        sparsifier = build_sparsifier(model, config.sparsity, total_steps)
-        model.load_state_dict(checkpoint["model"])
-        sparsifier.load_state_dict(checkpoint["sparsifier"])
-        return sparsifier.finalize(), f"training checkpoint at step {checkpoint['step']}, finalized"
+    seed_everything(config.seed)
+    model = build_model(config.model, num_classes, in_channels).to(device)
+    state = load_weights(weights)
+    if isinstance(state, Checkpoint):
+        return state.final_model(model, config.sparsity), f"training checkpoint at step {state.step}, finalized"
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -58,16 +93,18 @@ def evaluate_run(config: TrainConfig, run_dir: Path, weights: Path) -> dict[str,
     """Top-1/top-5 on the run's validation data, sparsity (all/masked), per-layer densities, FLOPs; → eval.json."""
     process = current_process()
     device = resolve_device(config.trainer.device, process)
+    amp = resolve_amp(config.trainer.amp, device, config.data.image_dtype())
     loaders = build_loaders(config.data, rank=process.rank, world=process.world, seed=config.seed, device=device,
                             train=False)
-    model, what = load_model(config, weights, loaders.info.num_classes, device)
-    memory_format = torch.channels_last if config.trainer.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)  # as in training: kernels and thus rounding follow the layout
-    amp = resolve_amp(config.trainer.amp, device, config.data.dtype)
-    metrics = evaluate(model, loaders.val, device, amp, memory_format)
-    report = measure_sparsity(model, config.sparsity, loaders.info.input_shape)
+    info = loaders.info
+    model, what = load_model(config, weights, info.num_classes, info.input_shape[0], device)
+    layout = memory_format(config.trainer.channels_last)
+    model = model.to(memory_format=layout)
+    metrics = evaluate(model, loaders.val, device, amp, layout)
+    report = measure_sparsity(model, config.sparsity, info.input_shape)
     result = {"weights": str(weights), "evaluated": what, "val_top1": metrics["top1"], "val_top5": metrics["top5"],
-              "val_loss": metrics["loss"], "images": metrics["images"], **report["totals"],
+              "val_loss": metrics["loss"], "images": metrics["images"], **sparsity_fields(report["totals"]),
+              "accounting": config.sparsity.accounting,
               "layers": [{k: v for k, v in row.items() if k != "block"} for row in report["layers"]],
               "data": dataclasses.asdict(config.data)}
     if process.is_main:

@@ -1,9 +1,10 @@
-"""The training run, top to bottom: check and build everything, train, validate, checkpoint, finalize.
+"""The training run, top to bottom: check and build everything, start, train, validate, checkpoint, finalize.
 
-Nothing is written to the run directory until every input has been checked and every object built (a bad
-value or an incompatible checkpoint fails before the first step and leaves an existing run untouched).
-Ordering that matters: model placed → optimizer → Sparsifier → resume → compile → DDP; each step is
-forward → backward → ``sparsifier.finish_backward()`` → unscale/clip → optimizer step → ``sparsifier.step()``.
+:class:`Run` builds every object and checks every input first, writing nothing (a bad value or an incompatible
+checkpoint fails before the first step and leaves an existing run untouched); :meth:`Run.start` then writes the
+run directory, starts W&B and wraps the model for DDP. Ordering that matters: model placed → optimizer →
+Sparsifier → resume → compile → DDP; each step is forward → backward → ``sparsifier.finish_backward()`` →
+unscale/clip → optimizer step → ``sparsifier.step()`` (:meth:`Run.optimizer_step`).
 """
 
 from __future__ import annotations
@@ -18,63 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from spartan import Sparsifier, SparsityConfig
-from spartan.config import first_difference
-from spartan.train.checkpoint import (FORMAT, LAST, atomic_save, check_fresh_run_dir, environment, git_version,
-                                      load_checkpoint, resolve_resume, seed_everything, truncate_metrics)
-from spartan.train.config import ConfigError, TrainConfig
+from spartan.train.checkpoint import LAST, Checkpoint, atomic_save
+from spartan.train.config import TrainConfig
+from spartan.train.errors import ConfigError
 from spartan.train.data import Loaders, build_loaders
-from spartan.train.distributed import Process, all_reduce_sum, broadcast_flag, current_process
-from spartan.train.models import build_model
+from spartan.train.data.transforms import batch_mixer
+from spartan.train.device import autocast, memory_format, resolve_amp, resolve_device
+from spartan.train.distributed import all_reduce_sum, broadcast_flag, current_process, sync_buffers
+from spartan.train.evaluation import evaluate, sparsity_fields
+from spartan.train.models import build_model, build_sparsifier
 from spartan.train.optim import build_lr_schedule, build_optimizer, peak_lr
+from spartan.train.provenance import environment, git_version
+from spartan.train.run_dir import check_fresh_run_dir, resolve_resume, truncate_metrics
+from spartan.train.seeding import derive_seed, seed_everything
 from spartan.train.tracking import MetricLogger, resolve_wandb_mode
 
 log = logging.getLogger("spartan.train")
-
-# Config keys a resumed run must share with its checkpoint (the rest — logging, devices, workers — may change).
-RESUME_MUST_MATCH = ("model", "sparsity", "schedule", "optim", "seed")
-
-
-def resolve_device(name: str, process: Process) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.device={name} but CUDA is not available here (use trainer.device=cpu or auto)")
-        if name == "cuda":
-            return torch.device("cuda", process.local_rank)
-        if process.world > 1:
-            raise ConfigError(f"trainer.device={name} would put every torchrun process on one GPU: use "
-                              f"trainer.device=cuda (process i uses GPU LOCAL_RANK=i)")
-    return torch.device(name)
-
-
-def resolve_amp(mode: str, device: torch.device, input_dtype: str = "float32") -> torch.dtype | None:
-    """The autocast dtype: ``auto`` is bf16 on CUDA and full precision on CPU. Half-precision input
-    (``data.dtype``) needs autocast: the model's weights stay float32."""
-    if mode == "auto":
-        amp = torch.bfloat16 if device.type == "cuda" else None
-    elif mode == "fp16" and device.type != "cuda":
-        raise ConfigError(f"trainer.amp=fp16 needs a CUDA device, trainer.device resolves to {device}")
-    else:
-        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-    if amp is None and input_dtype != "float32":
-        raise ConfigError(f"data.dtype={input_dtype} needs mixed precision (trainer.amp=bf16 or fp16), but trainer.amp="
-                          f"{mode} runs in float32 on {device}")
-    return amp
-
-
-def build_sparsifier(model: nn.Module, config: SparsityConfig, total_steps: int,
-                     optimizer: torch.optim.Optimizer | None = None) -> Sparsifier:
-    try:
-        return Sparsifier(model, config, total_steps, optimizer=optimizer)
-    except ValueError as err:  # e.g. a block that does not divide a layer; name the config group
-        message = str(err)
-        raise ConfigError(message if message.startswith("sparsity.") else f"sparsity: {message}") from None
 
 
 @dataclasses.dataclass
@@ -86,32 +49,35 @@ class Progress:
 
 
 class Run:
-    """One training run: holds the built objects; :meth:`fit` trains, :meth:`finish` finalizes and reports."""
+    """One training run: :meth:`start` it, :meth:`fit` trains, :meth:`finish` finalizes and reports."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None,
                  run_config: dict[str, Any] | None = None):
         self.start_time = time.perf_counter()
-        self.config, self.run_dir = config, Path(run_dir)
+        self.config, self.run_dir, self.files = config, Path(run_dir), files or {}
+        self.run_config = run_config if run_config is not None else dataclasses.asdict(config)
         self.process = current_process()
+        self.is_main = self.process.is_main
         trainer = config.trainer
-        # ---- checks and construction; nothing is written before this block completes
         self.device = resolve_device(trainer.device, self.process)
-        self.amp_dtype = resolve_amp(trainer.amp, self.device, config.data.dtype)
+        self.amp_dtype = resolve_amp(trainer.amp, self.device, config.data.image_dtype())
         # Rank 0 decides (the ranks' filesystems may differ); a fresh run must not overwrite an earlier one.
-        resume_path = resolve_resume(config.resume, self.run_dir) if self.process.is_main else None
-        if broadcast_flag(resume_path is not None) and not self.process.is_main:
+        resume_path = resolve_resume(config.resume, self.run_dir) if self.is_main else None
+        if broadcast_flag(resume_path is not None) and not self.is_main:
             resume_path = resolve_resume(config.resume, self.run_dir) or self.run_dir / LAST
-        if resume_path is None and config.resume != "auto" and self.process.is_main:
+        if resume_path is None and config.resume != "auto" and self.is_main:
             check_fresh_run_dir(self.run_dir)
-        self.wandb_mode = resolve_wandb_mode(config.logger) if self.process.is_main else None
+        self.resume_path = resume_path
+        self.wandb_mode = resolve_wandb_mode(config.logger) if self.is_main else None
         if trainer.threads:
             torch.set_num_threads(trainer.threads)
         seed_everything(config.seed)  # the model's initial weights: the same on every process
         self.loaders: Loaders = build_loaders(config.data, rank=self.process.rank, world=self.process.world,
                                               seed=config.seed, device=self.device)
         info = self.loaders.info
+        self.mix = batch_mixer(config.data, info.num_classes)  # Mixup/CutMix: the same for every backend
+        self.memory_format = memory_format(trainer.channels_last)
         model = build_model(config.model, info.num_classes, info.input_shape[0]).to(self.device)
-        self.memory_format = torch.channels_last if trainer.channels_last else torch.contiguous_format
         self.model = model.to(memory_format=self.memory_format)
         self.steps_per_epoch = len(self.loaders.train) // trainer.accumulate
         if self.steps_per_epoch == 0:
@@ -128,64 +94,40 @@ class Run:
         self.val_metrics: dict[str, float] = {}
         if resume_path is not None:
             self._restore(resume_path)
-        # ---- from here on the run directory is written (main process only)
-        self.is_main = self.process.is_main
-        self.run_config = run_config if run_config is not None else dataclasses.asdict(config)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if config.resume == "auto":  # drop what a crashed job logged after its last checkpoint
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
-            for name, text in (files or {}).items():
-                (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / name).write_text(text)
-        self.metrics = MetricLogger(self.run_dir, config.logger, self.wandb_mode, run_name=config.name,
-                                    run_config=self.run_config, enabled=self.is_main, resumed=config.resume == "auto")
-        self.runner = self._wrap(self.model)
-        if resume_path is not None:
-            log.info(f"resumed from {resume_path} at epoch {self.progress.epoch}, step {self.progress.step}")
-
-    # ------------------------------------------------------------------------------------------ setup
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """Compile, then DDP: mask updates (``sparsifier.step()``) stay outside the compiled region."""
-        runner = torch.compile(model) if self.config.trainer.compile else model
-        self.compiled = runner
-        if self.process.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            runner = nn.parallel.DistributedDataParallel(runner, device_ids=ids)
-        return runner
-
-    def _checkpoint(self) -> dict[str, Any]:
-        return {"format": FORMAT, "epoch": self.progress.epoch, "step": self.progress.step,
-                "progress": dataclasses.asdict(self.progress), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "sparsifier": self.sparsifier.state_dict(),
-                "amp": str(self.amp_dtype),
-                "train_config": dataclasses.asdict(self.config), "config": self.run_config,
-                "steps_per_epoch": self.steps_per_epoch, "val": self.val_metrics, "git": git_version(),
-                "env": environment(self.process.world)}
+        self.metrics: MetricLogger | None = None
+        self.runner: nn.Module = self.model
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        saved, mine = state["train_config"], dataclasses.asdict(self.config)  # tuples survive torch.save/load
-        for section in RESUME_MUST_MATCH:
-            if saved[section] != mine[section]:
-                key, before, now = first_difference(saved[section], mine[section], section)
-                raise ConfigError(f"resume: {path} was trained with {key}={before!r}, this run has "
-                                  f"{key}={now!r} (resume with the same value, or start a new run)")
-        if state["amp"] != str(self.amp_dtype):
-            raise ConfigError(f"resume: {path} was trained with autocast dtype {state['amp']}, trainer.amp="
-                              f"{self.config.trainer.amp} gives {self.amp_dtype} here (keep the precision)")
-        if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise ConfigError(f"resume: {path} has {state['steps_per_epoch']} steps per epoch, this run "
-                              f"{self.steps_per_epoch} (keep data.batch_size × processes × trainer.accumulate)")
-        self.model.load_state_dict(state["model"])
-        self.sparsifier.load_state_dict(state["sparsifier"])  # after the weights: masks are rebuilt from them
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(**state["progress"])
-        self.val_metrics = state["val"]
+        checkpoint = Checkpoint.load(path)
+        checkpoint.check_resume(dataclasses.asdict(self.config), self.amp_dtype, self.config.trainer.amp,
+                                self.steps_per_epoch)
+        progress, self.val_metrics = checkpoint.restore(model=self.model, sparsifier=self.sparsifier,
+                                                        optimizer=self.optimizer, lr_schedule=self.lr_schedule,
+                                                        scaler=self.scaler)
+        self.progress = Progress(**progress)
+
+    # ------------------------------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        """Write the run directory (main process), start the metric logger, compile and wrap for DDP."""
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.config.resume == "auto":  # drop what a crashed job logged after its last checkpoint
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
+            for name, text in self.files.items():
+                (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / name).write_text(text)
+        self.metrics = MetricLogger(self.run_dir, self.config.logger, self.wandb_mode, run_name=self.config.name,
+                                    run_config=self.run_config, enabled=self.is_main,
+                                    resumed=self.config.resume == "auto")
+        # Compile, then DDP: mask updates (sparsifier.step()) stay outside the compiled region.
+        self.compiled = torch.compile(self.model) if self.config.trainer.compile else self.model
+        self.runner = self.compiled
+        if self.process.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = nn.parallel.DistributedDataParallel(self.compiled, device_ids=ids)
+        if self.resume_path is not None:
+            log.info(f"resumed from {self.resume_path} at epoch {self.progress.epoch}, step {self.progress.step}")
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -212,9 +154,7 @@ class Run:
 
     def train_epoch(self, epoch: int) -> None:
         trainer = self.config.trainer
-        # Every epoch's randomness follows from (seed, rank, epoch): a resumed run replays it exactly, and
-        # processes draw different augmentations.
-        seed_everything(self.config.seed, self.process.rank, epoch)
+        seed_everything(derive_seed(self.config.seed, "process", self.process.rank, epoch))
         self.loaders.set_epoch(epoch)
         self.runner.train()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.schedule.epochs}",
@@ -222,6 +162,7 @@ class Run:
         window = {"loss": torch.zeros((), device=self.device), "correct": torch.zeros((), device=self.device),
                   "samples": 0, "steps": 0, "start": time.perf_counter()}
         epoch_start, epoch_images, skipped = time.perf_counter(), 0, 0
+        distributed = isinstance(self.runner, nn.parallel.DistributedDataParallel)
         batches = iter(self.loaders.train)
         for _ in range(self.steps_per_epoch):
             for micro in range(trainer.accumulate):
@@ -233,11 +174,8 @@ class Run:
                 skipped += self.config.data.batch_size - len(labels)  # unreadable images the loader dropped
                 images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
                 labels = labels.to(self.device, non_blocking=True)
-                if self.loaders.mix is not None:  # Mixup/CutMix: soft targets, the same for every loader
-                    images, targets = self.loaders.mix(images, labels)
-                else:
-                    targets = labels
-                sync = micro == trainer.accumulate - 1 or not isinstance(self.runner, nn.parallel.DistributedDataParallel)
+                images, targets = self.mix(images, labels) if self.mix is not None else (images, labels)
+                sync = micro == trainer.accumulate - 1 or not distributed
                 with (contextlib.nullcontext() if sync else self.runner.no_sync(),
                       autocast(self.device, self.amp_dtype)):
                     logits = self.runner(images)
@@ -246,17 +184,7 @@ class Run:
                 window["loss"] += loss.detach().float() * len(targets)
                 window["correct"] += (logits.detach().argmax(1) == labels).sum()
                 window["samples"] += len(labels)
-            self.sparsifier.finish_backward()
-            if trainer.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), trainer.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
-            self.lr_schedule.step()
-            telemetry = self.sparsifier.step()
-            self.progress.step += 1
+            telemetry = self.optimizer_step()
             window["steps"] += 1
             epoch_images += self.global_batch
             bar.update(1)
@@ -278,6 +206,22 @@ class Run:
                      f"sparsity {100 * self.last_train['sparsity_all']:.2f}% "
                      f"(target now {100 * self.last_train['sparsity_target']:.2f}%)")
 
+    def optimizer_step(self) -> dict[str, Any]:
+        """One optimizer step on the accumulated gradients, in the order the Sparsifier needs: its global gradient
+        term → unscale/clip → step → new masks from the updated weights. Returns the Sparsifier's telemetry."""
+        self.sparsifier.finish_backward()
+        if self.config.trainer.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.trainer.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
+        self.lr_schedule.step()
+        telemetry = self.sparsifier.step()
+        self.progress.step += 1
+        return telemetry
+
     def _log_train(self, epoch: int, window: dict, telemetry: dict, bar: tqdm) -> None:
         loss_sum, correct, samples = all_reduce_sum(
             [float(window["loss"]), float(window["correct"]), window["samples"]], self.device)
@@ -294,11 +238,11 @@ class Run:
         window.update(loss=torch.zeros((), device=self.device), correct=torch.zeros((), device=self.device),
                       samples=0, start=time.perf_counter())
 
-    # ------------------------------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------------------------------ validation
 
     def validate(self, epoch: int, kind: str) -> dict[str, Any]:
         """Evaluate and log (metrics in ``self.val_metrics``); return the sparsity report it logged."""
-        _sync_buffers(self.model)  # BatchNorm statistics drift apart per rank; evaluate rank 0's
+        sync_buffers(self.model)  # BatchNorm statistics drift apart per rank; evaluate rank 0's
         model = self.compiled if kind == "val" else self.model
         self.val_metrics = evaluate(model, self.loaders.val, self.device, self.amp_dtype, self.memory_format)
         report = self.sparsifier.report(self.loaders.info.input_shape)
@@ -313,9 +257,14 @@ class Run:
         return report
 
     def save_checkpoint(self) -> None:
-        _sync_buffers(self.model)
+        sync_buffers(self.model)
         if self.is_main:
-            atomic_save(self._checkpoint(), self.run_dir / LAST)
+            checkpoint = Checkpoint.capture(
+                model=self.model, optimizer=self.optimizer, lr_schedule=self.lr_schedule, scaler=self.scaler,
+                sparsifier=self.sparsifier, progress=dataclasses.asdict(self.progress), amp_dtype=self.amp_dtype,
+                train_config=dataclasses.asdict(self.config), run_config=self.run_config,
+                steps_per_epoch=self.steps_per_epoch, val=self.val_metrics, world=self.process.world)
+            checkpoint.save(self.run_dir / LAST)
 
     # ------------------------------------------------------------------------------------------ the end
 
@@ -326,12 +275,9 @@ class Run:
         final = self.val_metrics
         summary = {"val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"],
                    "sparsity_target": self.config.sparsity.target if self.config.sparsity.method != "dense" else 0.0,
-                   "sparsity_all": totals["sparsity_all"], "sparsity_masked": totals["sparsity_masked"],
-                   "accounting": self.config.sparsity.accounting, "params": totals["params"],
-                   "params_kept": totals["params"] - (totals["params_masked"] - totals["params_kept"]),
-                   "flops_dense": totals["flops_dense"], "flops_sparse": totals["flops_sparse"],
-                   "flops_reduction": totals["flops_reduction"], "epochs": self.config.schedule.epochs,
-                   "steps": self.progress.step, "train_seconds": self.progress.train_seconds,
+                   **sparsity_fields(totals), "accounting": self.config.sparsity.accounting,
+                   "epochs": self.config.schedule.epochs, "steps": self.progress.step,
+                   "train_seconds": self.progress.train_seconds,
                    "wall_seconds": time.perf_counter() - self.start_time,
                    "images_per_second": self.progress.images / max(self.progress.train_seconds, 1e-9),
                    "processes": self.process.world, "seed": self.config.seed, "git": git_version(),
@@ -345,44 +291,8 @@ class Run:
         return summary
 
     def close(self, failed: bool = False) -> None:
-        self.metrics.close(failed)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
-             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
-    """Top-1, top-5 (fractions) and mean cross-entropy over ``loader``, summed over all processes."""
-    was_training = model.training
-    model.eval()
-    loss_sum = correct1 = correct5 = count = 0.0
-    for batch in loader:
-        if batch is None:  # every image of this batch was unreadable (skipped with warnings)
-            continue
-        images, targets = batch
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += float((top[:, 0] == targets).sum())
-        correct5 += float((top == targets[:, None]).any(1).sum())
-        count += len(targets)
-    model.train(was_training)
-    loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
-    return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "images": int(count)}
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed precision in ``dtype`` on ``device``; full precision for None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _sync_buffers(model: nn.Module) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+        if self.metrics is not None:
+            self.metrics.close(failed)
 
 
 def format_summary(summary: dict[str, Any], run_dir: Path, wandb_note: str | None = None) -> str:
@@ -417,6 +327,7 @@ def train(config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = 
     run = Run(config, run_dir, files=files, run_config=run_config)
     failed = True
     try:
+        run.start()
         if not run.fit():
             failed = False
             return None
@@ -427,5 +338,3 @@ def train(config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = 
     if run.is_main:
         log.info(format_summary(summary, Path(run_dir), run.metrics.wandb_note))
     return summary
-
-

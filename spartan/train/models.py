@@ -1,10 +1,13 @@
-"""Model factory: builtin networks, torchvision models and timm models by name."""
+"""Model factory: builtin networks, torchvision models and timm models by name; the Sparsifier attached to one."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from spartan.train.config import ConfigError, ModelConfig
+from spartan import Sparsifier, SparsityConfig
+from spartan.train.config import ModelConfig
+from spartan.train.errors import ConfigError
 
 
 def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
@@ -49,3 +52,13 @@ def _build(config: ModelConfig, num_classes: int, in_channels: int) -> nn.Module
         raise ConfigError(f"model.name {config.name!r} is not a timm model (see timm.list_models())")
     return timm.create_model(config.name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
                              **config.kwargs)
+
+
+def build_sparsifier(model: nn.Module, config: SparsityConfig, total_steps: int,
+                     optimizer: torch.optim.Optimizer | None = None) -> Sparsifier:
+    """The ``sparsity`` group's Sparsifier on ``model``; its errors (e.g. a block that does not divide a layer)
+    name the group."""
+    try:
+        return Sparsifier(model, config, total_steps, optimizer=optimizer)
+    except ValueError as err:
+        raise ConfigError(f"sparsity: {err}") from None

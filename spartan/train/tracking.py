@@ -17,7 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from spartan.train.config import ConfigError, LoggerConfig
+from spartan.train.config import LoggerConfig
+from spartan.train.errors import ConfigError
 
 log = logging.getLogger("spartan.train")
 

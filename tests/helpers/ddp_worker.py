@@ -46,7 +46,7 @@ def run_with_skipped_layer(rank: int, world: int, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         sparsifier.step()
-    return {"masks": [m.keep.clone() for m in sparsifier.masks]}
+    return {"masks": [m.clone() for m in sparsifier.masks().values()]}
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +73,7 @@ def run(rank: int, world: int, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         sparsifier.step()
-        record["masks"].append([m.keep.clone() for m in sparsifier.masks])
+        record["masks"].append([m.clone() for m in sparsifier.masks().values()])
     return record
 
 
@@ -85,4 +85,4 @@ if __name__ == "__main__":
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
-    os._exit(0)  # gloo on CPU can abort at interpreter exit after a clean shutdown (DESIGN.md §3)
+    os._exit(0)  # gloo on CPU can abort at interpreter exit after a clean shutdown (docs/design.md §6)

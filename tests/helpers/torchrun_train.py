@@ -6,16 +6,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import spartan.train.loop as loop  # noqa: E402
-from spartan.train import cli  # noqa: E402
+import spartan.train.loop as loop
+from spartan.train import cli
 
 finish = loop.Run.finish
 
 
 def finish_and_save_masks(self):
-    masks = [m.keep.clone() for m in self.sparsifier.masks]
+    masks = [m.clone() for m in self.sparsifier.masks().values()]
     torch.save(masks, Path(os.environ["MASKS_DIR"]) / f"masks_rank{self.process.rank}.pt")
     return finish(self)
 
@@ -23,7 +21,7 @@ def finish_and_save_masks(self):
 loop.Run.finish = finish_and_save_masks
 
 if __name__ == "__main__":
-    import train
+    import train  # the repository root is on PYTHONPATH (tests/conftest.py's clean_env)
 
     sys.argv = cli.prepare_torchrun(["train.py", *sys.argv[1:]])
     train.main()

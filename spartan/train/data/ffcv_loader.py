@@ -1,9 +1,8 @@
-"""``data=ffcv``: FFCV loaders over ``.beton`` files written by ``scripts/write_ffcv.py``.
-
-Imported lazily by :func:`spartan.train.data.loaders.build_loaders` (FFCV is an optional dependency).
+"""The loaders of ``data=ffcv`` (:mod:`spartan.train.data.backends.ffcv`) over ``.beton`` files written by
+``scripts/write_ffcv.py``; imported only when that backend is used (FFCV is an optional dependency).
 
 Training: a random resized crop decoded straight to the epoch's resolution (progressive resizing, see
-:func:`epoch_resolution`) and optionally flipped, in one pass
+:meth:`~spartan.train.data.backends.ffcv.FFCVConfig.epoch_resolution`) and optionally flipped, in one pass
 (:class:`~spartan.train.data.ffcv_decoder.CropResizeDecoder`), then normalized with the ImageNet mean/std (on the
 GPU when ``device`` is one), channels-last, in ``data.dtype``, on ``device``. Order: FFCV's quasi-random order
 (page-local shuffling, suited to datasets larger than RAM) in one process; with several processes a random order
@@ -18,9 +17,6 @@ every image exactly once, no padding.
 
 The batches are FFCV's buffers, reused a few batches later: use each batch before asking for the next
 ``batches_ahead`` ones (clone what must be kept).
-
-Not available with FFCV: ``auto_augment``, ``random_erasing``, ``repeated_augment`` (a :class:`ConfigError`);
-``interpolation`` is ignored (FFCV resizes with OpenCV's area interpolation).
 """
 
 from __future__ import annotations
@@ -40,33 +36,18 @@ from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-from spartan.train.config import ConfigError, DataConfig
+from spartan.train.data.backends.ffcv import FFCVConfig
+from spartan.train.data.common import DataInfo, Loaders, check_batch_fits
 from spartan.train.data.ffcv_decoder import CropResizeDecoder
-from spartan.train.data.loaders import DataInfo, Loaders, check_batch_fits, order_seed
-from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, batch_mixer
+from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from spartan.train.errors import ConfigError
+from spartan.train.seeding import derive_seed
 
-RESOLUTION_STEP = 32
 # numpy | cupy | torch (see _to_normalized_tensor); None: numpy on the CPU, cupy on a GPU if installed, else torch
 NORMALIZE_MODE: str | None = None
 
 
-def epoch_resolution(config: DataConfig, epoch: int) -> int:
-    """Training resolution of ``epoch``: ``min_res`` until ``ramp_start_epoch``, then linear to ``image_size``
-    at ``ramp_end_epoch`` (in between rounded down to a multiple of 32 px, never past either end);
-    ``image_size`` throughout when ``min_res`` is None."""
-    if config.min_res is None:
-        return config.image_size
-    start, end = config.ramp_start_epoch, config.ramp_end_epoch
-    if epoch >= end:
-        return config.image_size
-    if epoch <= start:
-        return config.min_res
-    res = config.min_res + (config.image_size - config.min_res) * (epoch - start) / (end - start)
-    low, high = sorted((config.min_res, config.image_size))
-    return int(min(high, max(low, int(res) // RESOLUTION_STEP * RESOLUTION_STEP)))
-
-
-def beton_files(config: DataConfig, train: bool = True) -> tuple[str | None, str]:
+def beton_files(config: FFCVConfig, train: bool = True) -> tuple[str | None, str]:
     """``(train file, val file)``: ``data.train_path`` / ``data.val_path``, else ``<data.path>/train.beton`` /
     ``<data.path>/val.beton``; a :class:`ConfigError` naming the key for a missing file. Without ``train`` the
     training file is neither needed nor resolved (None)."""
@@ -89,10 +70,9 @@ def beton_files(config: DataConfig, train: bool = True) -> tuple[str | None, str
     return files[0], files[1]
 
 
-def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device: torch.device,
+def ffcv_loaders(config: FFCVConfig, *, rank: int, world: int, seed: int, device: torch.device,
                  train: bool) -> Loaders:
     """The FFCV training (``train=True``) and validation loaders of process ``rank`` of ``world``."""
-    _check_supported(config)
     train_file, val_file = beton_files(config, train)
     val_reader = Reader(val_file)
     _check_fields(val_reader, "val", config)
@@ -115,20 +95,20 @@ def ffcv_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device
         _check_fields(train_reader, "train", config)
         train_size = int(train_reader.num_samples)
         check_batch_fits(config, world, train_size, train_file)
-        pipelines = _pipelines(config, device, train=True, resolution=epoch_resolution(config, 0))
+        pipelines = _pipelines(config, device, train=True, resolution=config.epoch_resolution(0))
         decoder = pipelines["image"][0]
         distributed = world > 1
         if distributed:
             _check_process_group(rank, world)
         train_loader = Loader(train_file, batch_size=config.batch_size, num_workers=workers,
-                              os_cache=config.os_cache, distributed=distributed, seed=order_seed(seed),
+                              os_cache=config.os_cache, distributed=distributed, seed=derive_seed(seed, "order"),
                               drop_last=True,
                               order=OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM,
                               pipelines=pipelines)
         on_epoch = _epoch_setter(config, train_loader, decoder)
 
     info = DataInfo(config.num_classes, (3, config.image_size, config.image_size), train_size, val_size)
-    return Loaders(train_loader, val_loader, info, on_epoch, batch_mixer(config, config.num_classes))
+    return Loaders(train_loader, val_loader, info, on_epoch)
 
 
 def _check_process_group(rank: int, world: int) -> None:
@@ -143,16 +123,7 @@ def _check_process_group(rank: int, world: int) -> None:
                            f"{dist.get_rank()}/{dist.get_world_size()}")
 
 
-def _check_supported(config: DataConfig) -> None:
-    unsupported = {"auto_augment": config.auto_augment != "none", "random_erasing": config.random_erasing > 0,
-                   "repeated_augment": config.repeated_augment > 1}
-    for key, used in unsupported.items():
-        if used:
-            raise ConfigError(f"data.{key}={getattr(config, key)!r} is not available with data=ffcv "
-                              f"(use data=imagefolder or data=webdataset)")
-
-
-def _check_fields(reader: Any, split: str, config: DataConfig) -> None:
+def _check_fields(reader: Any, split: str, config: FFCVConfig) -> None:
     names = list(reader.field_names)
     if names[:2] != ["image", "label"]:
         raise ConfigError(f"data=ffcv: the {split} file {reader.file_name} has fields {names}, expected image and "
@@ -163,12 +134,12 @@ def _check_fields(reader: Any, split: str, config: DataConfig) -> None:
                           f"labels {int(labels.min())}..{int(labels.max())}")
 
 
-def _threads(config: DataConfig) -> int:
+def _threads(config: FFCVConfig) -> int:
     """FFCV's decoding threads: ``data.num_workers``, or all cores for 0 (at most numba's thread limit)."""
     return max(1, min(config.num_workers or (os.cpu_count() or 1), numba.config.NUMBA_NUM_THREADS))
 
 
-def _pipelines(config: DataConfig, device: torch.device, *, train: bool, resolution: int) -> dict[str, list]:
+def _pipelines(config: FFCVConfig, device: torch.device, *, train: bool, resolution: int) -> dict[str, list]:
     if train:
         decoder = CropResizeDecoder((resolution, resolution), crop="random", scale=(config.min_scale, 1.0),
                                     flip_prob=0.5 if config.hflip else 0.0)
@@ -212,7 +183,7 @@ def _has_cupy() -> bool:
     return True
 
 
-def _epoch_setter(config: DataConfig, loader: Any, decoder: Any):
+def _epoch_setter(config: FFCVConfig, loader: Any, decoder: Any):
     """``on_epoch(epoch)``: the epoch's resolution, and its order from ``(seed, epoch)`` only.
 
     FFCV draws epoch ``e``'s order from ``loader.next_epoch`` (incremented by each ``iter``). Its quasi-random
@@ -224,7 +195,7 @@ def _epoch_setter(config: DataConfig, loader: Any, decoder: Any):
     pristine = table.copy() if table is not None else None
 
     def on_epoch(epoch: int) -> None:
-        res = epoch_resolution(config, epoch)
+        res = config.epoch_resolution(epoch)
         decoder.output_size = (res, res)
         loader.next_epoch = epoch
         if pristine is not None:

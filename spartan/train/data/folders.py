@@ -14,7 +14,7 @@ from typing import Any
 from torch.utils.data import default_collate
 from torchvision import datasets
 
-from spartan.train.config import ConfigError
+from spartan.train.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The sample a dataset yields for an image it could not decode: a string, because it must survive pickling to

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from spartan.train.seeding import derive_seed
 
 
 class ShardSampler(Sampler[int]):
@@ -27,8 +28,8 @@ class RepeatedAugmentSampler(Sampler[int]):
     """Repeated augmentation (Hoffer et al. 2020; DeiT): each drawn image is repeated ``repeats`` times, the
     copies dealt to consecutive processes (augmented differently there; with fewer processes than repeats some
     copies share a process), while each process still sees ``size // world`` samples per epoch — so an epoch
-    covers about ``1 / repeats`` of the distinct images. Shuffled by ``seed`` and the epoch, identically on every
-    process."""
+    covers about ``1 / repeats`` of the distinct images. Shuffled by the run's ``seed`` and the epoch (the
+    ``order`` stream), identically on every process."""
 
     def __init__(self, size: int, rank: int, world: int, repeats: int, seed: int):
         self.size, self.rank, self.world, self.repeats, self.seed = size, rank, world, repeats, seed
@@ -39,7 +40,7 @@ class RepeatedAugmentSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
         order = torch.randperm(self.size, generator=gen).repeat_interleave(self.repeats)
         total = math.ceil(len(order) / self.world) * self.world
         order = torch.cat([order, order[:total - len(order)]])  # pad so every process gets as many

@@ -1,4 +1,5 @@
-"""Image transforms shared by the ImageFolder and WebDataset loaders, and the batch mixer for every loader."""
+"""Image transforms of the ImageFolder and WebDataset backends, and the batch mixer the trainer applies to every
+backend's batches."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from typing import Callable
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from spartan.train.config import DataConfig
+from spartan.train.data.common import AugmentOptions, DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def train_transform(config: DataConfig) -> v2.Compose:
+def train_transform(config: AugmentOptions) -> v2.Compose:
     """RandomResizedCrop → flip → RandAugment/TrivialAugment → tensor, normalize → random erasing."""
     interpolation = InterpolationMode(config.interpolation)
     steps = [v2.RGB(), v2.RandomResizedCrop(config.image_size, scale=(config.min_scale, 1.0),
@@ -30,7 +31,7 @@ def train_transform(config: DataConfig) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def val_transform(config: DataConfig) -> v2.Compose:
+def val_transform(config: AugmentOptions) -> v2.Compose:
     """Resize the short side to ``image_size / val_crop_ratio`` (256 for 224), center-crop, normalize."""
     resize = round(config.image_size / config.val_crop_ratio)
     return v2.Compose([v2.RGB(), v2.Resize(resize, interpolation=InterpolationMode(config.interpolation),

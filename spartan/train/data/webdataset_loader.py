@@ -1,11 +1,12 @@
-"""WebDataset input: ImageNet as sharded tar files (``<key>.jpg`` + ``<key>.cls`` per sample), local or URLs.
+"""The loaders of ``data=webdataset`` (:mod:`spartan.train.data.backends.webdataset`): ImageNet as sharded tar
+files (``<key>.jpg`` + ``<key>.cls`` per sample), local or URLs.
 
 Training: every epoch the shard list is shuffled by ``(seed, epoch)`` and dealt to processes (``shards[rank::
 world]``) and then to DataLoader workers; samples pass a shuffle buffer; each process yields exactly
 ``train_size // (batch_size × processes)`` batches per epoch (its shards are cycled if they run short), so
 all processes take the same number of steps. Validation: each process reads its shards once, so every image
 is evaluated exactly once. Unreadable images are skipped with a warning naming shard and key (their batch is
-one image smaller, as with ImageFolder). Imported only with ``data=webdataset``.
+one image smaller, as with ImageFolder). Imported only when that backend is used.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from spartan.train.config import ConfigError, DataConfig
+from spartan.train.data.backends.webdataset import WebDatasetConfig
+from spartan.train.data.common import DataInfo, Loaders, check_batch_fits, worker_options
 from spartan.train.data.folders import UNREADABLE, skip_unreadable
-from spartan.train.data.loaders import DataInfo, Loaders, check_batch_fits, epoch_seed, worker_options
-from spartan.train.data.transforms import batch_mixer, train_transform, val_transform
+from spartan.train.data.transforms import train_transform, val_transform
+from spartan.train.errors import ConfigError
+from spartan.train.seeding import derive_seed
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
-def shard_list(config: DataConfig, split: str) -> list[str]:
+def shard_list(config: WebDatasetConfig, split: str) -> list[str]:
     """The shards of ``split``: ``data.<split>_path`` (braces expanded) or ``<data.path>/<split>/*.tar``."""
     pattern = getattr(config, f"{split}_path")
     if pattern:
@@ -63,7 +66,7 @@ def count_samples(shards: list[str]) -> int:
 
 class ShardStream(IterableDataset):
     """This process's samples as ``(image, label)`` after ``transform``: shards in an order drawn from
-    ``(seed, epoch, pass)``, split over workers, shuffled in a buffer; ``cycle`` repeats the shards forever."""
+    ``(seed, epoch, pass)`` (the ``shards`` stream), split over workers, shuffled in a buffer; ``cycle`` repeats the shards forever."""
 
     def __init__(self, shards: list[str], rank: int, world: int, seed: int, transform: Callable, *, cycle: bool,
                  shuffle_buffer: int, num_classes: int):
@@ -78,7 +81,7 @@ class ShardStream(IterableDataset):
         for n in passes:
             order = list(self.shards)
             if self.cycle:
-                random.Random(epoch_seed(self.seed, n, self.epoch)).shuffle(order)
+                random.Random(derive_seed(self.seed, "shards", self.epoch, n)).shuffle(order)
             mine = order[self.rank::self.world]
             if self.cycle and not mine:  # fewer shards than processes: training reuses one, validation must not
                 mine = order[self.rank % len(order)::len(order)]
@@ -145,13 +148,9 @@ class FixedBatches:
             yield next(iterator)
 
 
-def webdataset_loaders(config: DataConfig, *, rank: int, world: int, seed: int, device: torch.device,
+def webdataset_loaders(config: WebDatasetConfig, *, rank: int, world: int, seed: int, device: torch.device,
                        train: bool) -> Loaders:
-    if config.repeated_augment > 1:
-        raise ConfigError(f"data.repeated_augment={config.repeated_augment} is not available with data=webdataset "
-                          f"(use data=imagefolder)")
     workers = worker_options(config, device)
-    workers["persistent_workers"] = False  # the epoch's shard order reaches workers when they start
     workers["collate_fn"] = skip_unreadable
     val_shards = shard_list(config, "val")
     val_stream = ShardStream(val_shards, rank, world, seed, val_transform(config), cycle=False, shuffle_buffer=0,
@@ -172,8 +171,7 @@ def webdataset_loaders(config: DataConfig, *, rank: int, world: int, seed: int, 
 
     def on_epoch(epoch: int) -> None:
         stream.epoch = epoch
-        generator.manual_seed(epoch_seed(seed, rank, epoch))
+        generator.manual_seed(derive_seed(seed, "workers", rank, epoch))
 
-    return Loaders(FixedBatches(loader, batches), val_loader,
-                   DataInfo(config.num_classes, shape, train_size, val_size), on_epoch,
-                   batch_mixer(config, config.num_classes))
+    return Loaders(FixedBatches(loader, batches), val_loader, DataInfo(config.num_classes, shape, train_size, val_size),
+                   on_epoch)

@@ -1,0 +1,47 @@
+"""The run directory's lifecycle: which checkpoint a run resumes from, fresh starts, and its metrics file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from spartan.train.checkpoint import LAST
+from spartan.train.errors import ConfigError
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint ``resume`` points at: ``auto`` = this run dir's last one if any, a file, or a run dir."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = run_dir / LAST
+        return path if path.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / LAST
+    if not path.is_file():
+        raise ConfigError(
+            f"resume={resume!r} does not exist (give auto, a checkpoint file or a run directory holding {LAST})"
+        )
+    return path
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A new run must not overwrite an earlier run's checkpoint, final model or metrics."""
+    earlier = [name for name in (str(LAST), "model_final.pt", "metrics.jsonl") if (run_dir / name).exists()]
+    if earlier:
+        raise ConfigError(
+            f"hydra.run.dir={str(run_dir)!r} already holds a run ({', '.join(earlier)}): continue it with "
+            f"resume=auto, or choose a new hydra.run.dir"
+        )
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` (epochs a crashed run logged but did not checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
