@@ -30,10 +30,13 @@ def run_config(run_dir: Path, config: EvalConfig) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"run_dir={str(run_dir)!r} has no .hydra/config.yaml (not a train.py run directory)")
     saved = OmegaConf.load(path)
-    schema = OmegaConf.merge(OmegaConf.structured(TrainConfig),
-                             {"data": OmegaConf.structured(get_backend(saved.data.name).schema)})
-    overrides = {group: {k: v for k, v in dataclasses.asdict(getattr(config, group)).items() if v is not None}
-                 for group in ("data", "trainer")}
+    schema = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig), {"data": OmegaConf.structured(get_backend(saved.data.name).schema)}
+    )
+    overrides = {
+        group: {k: v for k, v in dataclasses.asdict(getattr(config, group)).items() if v is not None}
+        for group in ("data", "trainer")
+    }
     try:
         merged = OmegaConf.merge(schema, saved, overrides, {"resume": None})
     except ConfigKeyError as err:
@@ -45,8 +48,9 @@ def run_config(run_dir: Path, config: EvalConfig) -> TrainConfig:
 @cli.report_errors
 def main(cfg: DictConfig) -> float:
     config = cli.to_dataclass(cfg)
-    run_dir, weights = find_weights(Path(config.run_dir) if config.run_dir else None,
-                                    Path(config.checkpoint) if config.checkpoint else None)
+    run_dir, weights = find_weights(
+        Path(config.run_dir) if config.run_dir else None, Path(config.checkpoint) if config.checkpoint else None
+    )
     result = evaluate_run(run_config(run_dir, config), run_dir, weights)
     print(format_eval(result))
     print(f"wrote {run_dir / 'eval.json'}")

@@ -27,8 +27,10 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_config.runtime.output_dir)
     try:
         config = cli.to_dataclass(cfg)
-        files = {".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
-                 ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra_config.overrides.task))}
+        files = {
+            ".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+            ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra_config.overrides.task)),
+        }
         summary = train(config, run_dir, files=files, run_config=OmegaConf.to_container(cfg, resolve=True))
     except ConfigError:
         with contextlib.suppress(OSError):

@@ -54,12 +54,23 @@ def stock_ffcv_loaders(config: FFCVConfig) -> Loaders:
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
     cpu = torch.device("cpu")
-    image = [RandomResizedCropRGBImageDecoder((config.image_size, config.image_size)), RandomHorizontalFlip(),
-             NormalizeImage(np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255, np.float32), ToTensor(),
-             ToDevice(cpu), ToTorchImage()]
-    loader = Loader(str(Path(config.path) / "train.beton"), batch_size=config.batch_size,
-                    num_workers=config.num_workers, os_cache=config.os_cache, order=OrderOption.QUASI_RANDOM,
-                    drop_last=True, pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze(1)]})
+    image = [
+        RandomResizedCropRGBImageDecoder((config.image_size, config.image_size)),
+        RandomHorizontalFlip(),
+        NormalizeImage(np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255, np.float32),
+        ToTensor(),
+        ToDevice(cpu),
+        ToTorchImage(),
+    ]
+    loader = Loader(
+        str(Path(config.path) / "train.beton"),
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        os_cache=config.os_cache,
+        order=OrderOption.QUASI_RANDOM,
+        drop_last=True,
+        pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
+    )
     return Loaders(loader, [], None)
 
 
@@ -75,8 +86,12 @@ def time_loader(loaders: Loaders, epochs: int) -> dict:
             first = images / seconds
         else:
             rates.append(images / seconds)
-    return {"images_per_epoch": images, "first_epoch_img_s": first, "img_s": float(np.median(rates)),
-            "img_s_per_epoch": rates}
+    return {
+        "images_per_epoch": images,
+        "first_epoch_img_s": first,
+        "img_s": float(np.median(rates)),
+        "img_s_per_epoch": rates,
+    }
 
 
 def main() -> None:
@@ -87,13 +102,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4, help="timed epochs are 2..N")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/spartan_bench_loaders"))
-    parser.add_argument("--loaders", nargs="+", default=["ffcv", "ffcv_stock", "imagefolder", "webdataset"],
-                        choices=["ffcv", "ffcv_stock", "imagefolder", "webdataset"],
-                        help="ffcv_stock: the same pipeline from FFCV's own operations instead of data=ffcv's")
-    parser.add_argument("--os-cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="FFCV reads through the OS page cache (its recipe when the data fits in RAM, as here)")
-    parser.add_argument("--ffcv-write-mode", default="proportion", choices=["proportion", "jpg", "raw"],
-                        help="how the training .beton stores images (the recipe: proportion)")
+    parser.add_argument(
+        "--loaders",
+        nargs="+",
+        default=["ffcv", "ffcv_stock", "imagefolder", "webdataset"],
+        choices=["ffcv", "ffcv_stock", "imagefolder", "webdataset"],
+        help="ffcv_stock: the same pipeline from FFCV's own operations instead of data=ffcv's",
+    )
+    parser.add_argument(
+        "--os-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FFCV reads through the OS page cache (its recipe when the data fits in RAM, as here)",
+    )
+    parser.add_argument(
+        "--ffcv-write-mode",
+        default="proportion",
+        choices=["proportion", "jpg", "raw"],
+        help="how the training .beton stores images (the recipe: proportion)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench_loaders_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loaders' workers do the work; the main process only collects batches
@@ -106,9 +133,16 @@ def main() -> None:
     if {"ffcv", "ffcv_stock"} & set(args.loaders) and not (ffcv_dir / "val.beton").exists():
         for split in ("train", "val"):
             # FFCV's ImageNet recipe: at most 512 px, half of the training images stored as raw pixels.
-            write_split(folder, split, ffcv_dir / f"{split}.beton", max_resolution=512,
-                        write_mode=args.ffcv_write_mode if split == "train" else "jpg", compress_probability=0.5,
-                        jpeg_quality=90, workers=args.workers)
+            write_split(
+                folder,
+                split,
+                ffcv_dir / f"{split}.beton",
+                max_resolution=512,
+                write_mode=args.ffcv_write_mode if split == "train" else "jpg",
+                compress_probability=0.5,
+                jpeg_quality=90,
+                workers=args.workers,
+            )
     if "webdataset" in args.loaders and not (args.cache / "wds" / "val").is_dir():
         for split in ("train", "val"):
             write_shards(folder, split, args.cache / "wds", samples_per_shard=250)
@@ -117,26 +151,40 @@ def main() -> None:
     results = {}
     for name in args.loaders:
         backend = name.removesuffix("_stock")
-        options = {"ffcv": {"num_classes": args.classes, "os_cache": args.os_cache},
-                   "webdataset": {"num_classes": args.classes, "shuffle_buffer": 1000}}.get(backend, {})
-        config = get_backend(backend).schema(path=str(paths[name]), image_size=224, batch_size=args.batch_size,
-                                             num_workers=args.workers, **options)
+        options = {
+            "ffcv": {"num_classes": args.classes, "os_cache": args.os_cache},
+            "webdataset": {"num_classes": args.classes, "shuffle_buffer": 1000},
+        }.get(backend, {})
+        config = get_backend(backend).schema(
+            path=str(paths[name]), image_size=224, batch_size=args.batch_size, num_workers=args.workers, **options
+        )
         loaders = stock_ffcv_loaders(config) if name == "ffcv_stock" else build_loaders(config, seed=0)
         results[name] = time_loader(loaders, args.epochs)
         print(f"{name}: {results[name]['img_s']:,.0f} img/s", flush=True)
 
     baseline = results.get("imagefolder", {}).get("img_s")
-    lines = ["| loader | img/s (median of epochs 2–{}) | first epoch img/s | vs ImageFolder |".format(args.epochs),
-             "|---|---|---|---|"]
+    lines = [
+        f"| loader | img/s (median of epochs 2–{args.epochs}) | first epoch img/s | vs ImageFolder |",
+        "|---|---|---|---|",
+    ]
     for name, r in results.items():
         ratio = f"{r['img_s'] / baseline:.2f}×" if baseline else "–"
         lines.append(f"| {name} | {r['img_s']:,.0f} | {r['first_epoch_img_s']:,.0f} | {ratio} |")
     table = "\n".join(lines)
     print(table)
-    meta = {"images": args.images, "image_sides_px": [400, 500], "workers": args.workers, "os_cache": args.os_cache,
-            "ffcv_write_mode": args.ffcv_write_mode,
-            "batch_size": args.batch_size, "resolution": 224, "epochs": args.epochs, "torch": str(torch.__version__),
-            "machine": platform.platform(), "cpus": __import__("os").cpu_count()}
+    meta = {
+        "images": args.images,
+        "image_sides_px": [400, 500],
+        "workers": args.workers,
+        "os_cache": args.os_cache,
+        "ffcv_write_mode": args.ffcv_write_mode,
+        "batch_size": args.batch_size,
+        "resolution": 224,
+        "epochs": args.epochs,
+        "torch": str(torch.__version__),
+        "machine": platform.platform(),
+        "cpus": __import__("os").cpu_count(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=2) + "\n")
     print(f"wrote {args.out}")

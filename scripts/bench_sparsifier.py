@@ -59,8 +59,11 @@ def bench(method: str, args, device: torch.device) -> dict:
         if i >= args.warmup:
             step_times.append(end - start)
             sparsifier_times.append(end - middle)
-    return {"method": method, "step_ms": 1e3 * statistics.median(step_times),
-            "sparsifier_step_ms": 1e3 * statistics.median(sparsifier_times)}
+    return {
+        "method": method,
+        "step_ms": 1e3 * statistics.median(step_times),
+        "sparsifier_step_ms": 1e3 * statistics.median(sparsifier_times),
+    }
 
 
 def main() -> None:
@@ -77,8 +80,10 @@ def main() -> None:
     device = torch.device(args.device)
     rows = [bench(method, args, device) for method in METHODS]
     dense = rows[0]["step_ms"]
-    print(f"resnet50, {args.resolution} px, batch {args.batch_size}, {device}, bf16={args.bf16}, "
-          f"channels_last={args.channels_last}, threads={torch.get_num_threads()}, median of {args.steps} steps")
+    print(
+        f"resnet50, {args.resolution} px, batch {args.batch_size}, {device}, bf16={args.bf16}, "
+        f"channels_last={args.channels_last}, threads={torch.get_num_threads()}, median of {args.steps} steps"
+    )
     print("| method | step (ms) | vs dense | sparsifier.step() (ms) |\n|---|---|---|---|")
     for row in rows:
         row["vs_dense"] = row["step_ms"] / dense

@@ -36,8 +36,11 @@ VIT_B16_SIZE = 86_000_000
 def resnet50_magnitudes() -> torch.Tensor:
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
-    weights = [m.weight.detach().abs().reshape(-1) for m in model.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    weights = [
+        m.weight.detach().abs().reshape(-1)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     return torch.cat(weights)
 
 
@@ -79,7 +82,8 @@ def bench_vector(name: str, values: torch.Tensor, densities, betas, device: torc
         sort_ms, _ = timed(lambda: sorted_hard_topk(values, budget), device, repeats=1, warmup=False)
         for beta in betas:
             sinkhorn_ms, (sinkhorn_mask, sinkhorn_iters) = timed(
-                lambda: sinkhorn_soft_topk(values, budget, beta), device, repeats=1, warmup=False)
+                lambda: sinkhorn_soft_topk(values, budget, beta), device, repeats=1, warmup=False
+            )
 
             def cold():
                 hard = spartan.hard_threshold(values, budget)
@@ -102,32 +106,60 @@ def bench_vector(name: str, values: torch.Tensor, densities, betas, device: torc
                 ("(b) cold", cold_ms, cold_err, cold_sol.iterations),
                 ("(c) warm", warm_ms, budget_error(warm_sol.mask, budget), warm_sol.iterations),
             ]:
-                rows.append({**common, "method": method, "ms": ms, "budget_error": err, "passes": iters,
-                             "speedup_vs_a": reference_ms / ms, "sigmoid_units": ms / sigmoid_alloc,
-                             "sigmoid_out_units": ms / sigmoid_out, "sigmoid_ms": sigmoid_alloc,
-                             "sigmoid_out_ms": sigmoid_out})
+                rows.append(
+                    {
+                        **common,
+                        "method": method,
+                        "ms": ms,
+                        "budget_error": err,
+                        "passes": iters,
+                        "speedup_vs_a": reference_ms / ms,
+                        "sigmoid_units": ms / sigmoid_alloc,
+                        "sigmoid_out_units": ms / sigmoid_out,
+                        "sigmoid_ms": sigmoid_alloc,
+                        "sigmoid_out_ms": sigmoid_out,
+                    }
+                )
             print_rows(rows[-3:])
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
-        print(f"| {r['vector']} | {r['density']:.2f} | {r['beta']:g} | {r['method']} | {r['ms']:.1f} | "
-              f"{r['budget_error']:.1e} | {r['passes']} | {r['speedup_vs_a']:.1f}x | "
-              f"{r['sigmoid_units']:.2f} | {r['sigmoid_out_units']:.1f} |", flush=True)
+        print(
+            f"| {r['vector']} | {r['density']:.2f} | {r['beta']:g} | {r['method']} | {r['ms']:.1f} | "
+            f"{r['budget_error']:.1e} | {r['passes']} | {r['speedup_vs_a']:.1f}x | "
+            f"{r['sigmoid_units']:.2f} | {r['sigmoid_out_units']:.1f} |",
+            flush=True,
+        )
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
         else platform.processor()
+    )
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "commit": commit,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def check_targets(rows: list[dict]) -> list[str]:
@@ -161,8 +193,10 @@ def main() -> None:
     device = torch.device(args.device)
     info = machine()
     print(f"machine: {info}")
-    print("| vector | density | β | method | ms | budget error | passes | vs (a) | torch.sigmoid passes "
-          "| sigmoid-into-buffer passes |")
+    print(
+        "| vector | density | β | method | ms | budget error | passes | vs (a) | torch.sigmoid passes "
+        "| sigmoid-into-buffer passes |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     vectors = [("resnet50 |w|", resnet50_magnitudes)]
     if not args.skip_vit:

@@ -32,19 +32,27 @@ def run(method: str, sparsity: float, seed: int, args, data) -> dict:
     model = digits_cnn().to(x_train.device)
     steps_per_epoch = len(x_train) // args.batch_size
     total = steps_per_epoch * args.epochs
-    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=args.lr, momentum=0.9, nesterov=True,
-                                                   weight_decay=args.weight_decay), args.lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total, pct_start=0.1,
-                                                   anneal_strategy="cos")
-    config = SparsityConfig(method=method, target=sparsity, beta_init=args.beta_init, beta_final=args.beta_final,
-                            warmup_frac=args.warmup_frac, finetune_frac=args.finetune_frac)
+    optimizer = build_optimizer(
+        model, OptimConfig(name="sgd", lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay), args.lr
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=total, pct_start=0.1, anneal_strategy="cos"
+    )
+    config = SparsityConfig(
+        method=method,
+        target=sparsity,
+        beta_init=args.beta_init,
+        beta_final=args.beta_final,
+        warmup_frac=args.warmup_frac,
+        finetune_frac=args.finetune_frac,
+    )
     sparsifier = Sparsifier(model, config, total_steps=total, optimizer=optimizer)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(args.epochs):
         order = torch.randperm(len(x_train), generator=gen).to(x_train.device)
         for k in range(steps_per_epoch):
-            batch = order[k * args.batch_size:(k + 1) * args.batch_size]
+            batch = order[k * args.batch_size : (k + 1) * args.batch_size]
             loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch], label_smoothing=0.1)
             loss.backward()
             sparsifier.finish_backward()
@@ -59,24 +67,39 @@ def run(method: str, sparsity: float, seed: int, args, data) -> dict:
         accuracy = float((model(x_val).argmax(1) == y_val).float().mean())
     report = sparsifier.report()
     totals = report["totals"]
-    return {"method": method, "target": sparsity, "seed": seed, "beta_final": args.beta_final, "val_top1": accuracy,
-            "sparsity_all": totals["sparsity_all"], "sparsity_masked": totals["sparsity_masked"], "seconds": seconds,
-            "layers_kept": {row["name"]: row["params_kept"] for row in report["layers"]}}
+    return {
+        "method": method,
+        "target": sparsity,
+        "seed": seed,
+        "beta_final": args.beta_final,
+        "val_top1": accuracy,
+        "sparsity_all": totals["sparsity_all"],
+        "sparsity_masked": totals["sparsity_masked"],
+        "seconds": seconds,
+        "layers_kept": {row["name"]: row["params_kept"] for row in report["layers"]},
+    }
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| method | β final | target sparsity | val top-1 (mean ± std) | sparsity, all params | "
-             "sparsity, masked | runs with a fully pruned layer | wall time / run |", "|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["target"], r["beta_final"], r["method"]) for r in results},
-                  key=lambda k: (k[0], ["dense", "spartan", "topkast", "magnitude"].index(k[2]), k[1]))
+    lines = [
+        "| method | β final | target sparsity | val top-1 (mean ± std) | sparsity, all params | "
+        "sparsity, masked | runs with a fully pruned layer | wall time / run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted(
+        {(r["target"], r["beta_final"], r["method"]) for r in results},
+        key=lambda k: (k[0], ["dense", "spartan", "topkast", "magnitude"].index(k[2]), k[1]),
+    )
     for target, beta_final, method in keys:
         rows = [r for r in results if (r["target"], r["beta_final"], r["method"]) == (target, beta_final, method)]
         acc = [100 * r["val_top1"] for r in rows]
         spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        lines.append(f"| {method} | {beta_final:g} | {target:.2f} | {statistics.mean(acc):.2f} ± {spread:.2f} "
-                     f"(n={len(acc)}) | {rows[0]['sparsity_all']:.4f} | {rows[0]['sparsity_masked']:.4f} | "
-                     f"{sum(min(r['layers_kept'].values()) == 0 for r in rows)} | "
-                     f"{statistics.mean(r['seconds'] for r in rows):.1f} s |")
+        lines.append(
+            f"| {method} | {beta_final:g} | {target:.2f} | {statistics.mean(acc):.2f} ± {spread:.2f} "
+            f"(n={len(acc)}) | {rows[0]['sparsity_all']:.4f} | {rows[0]['sparsity_masked']:.4f} | "
+            f"{sum(min(r['layers_kept'].values()) == 0 for r in rows)} | "
+            f"{statistics.mean(r['seconds'] for r in rows):.1f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -106,8 +129,11 @@ def main() -> None:
             args.beta_final = beta_final
             result = run(method, sparsity, seed, args, data)
             results.append(result)
-            print(f"{method:9s} β_final={beta_final:<6g} sparsity={sparsity:.2f} seed={seed}: "
-                  f"top-1 {100 * result['val_top1']:.2f}%  ({result['seconds']:.1f} s)", flush=True)
+            print(
+                f"{method:9s} β_final={beta_final:<6g} sparsity={sparsity:.2f} seed={seed}: "
+                f"top-1 {100 * result['val_top1']:.2f}%  ({result['seconds']:.1f} s)",
+                flush=True,
+            )
     text = table(results)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

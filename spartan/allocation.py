@@ -12,14 +12,15 @@ Densities are kept fractions (1 − sparsity) measured in cost units: with the `
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 ALLOCATIONS = ("global", "uniform", "erk")
 ACCOUNTINGS = ("all", "masked")
 
 
-def layer_densities(shapes: Sequence[Sequence[int]], costs: Sequence[float], density: float,
-                    allocation: str) -> list[float] | None:
+def layer_densities(
+    shapes: Sequence[Sequence[int]], costs: Sequence[float], density: float, allocation: str
+) -> list[float] | None:
     """Per-layer densities whose cost-weighted mean is ``density``; None for ``global`` allocation.
 
     ``shapes`` are the weight shapes and ``costs`` each layer's total cost (cost units) in the same order.
@@ -64,7 +65,9 @@ def masked_density(target_density: float, masked_cost: float, unmasked_cost: flo
     needed = (target_density * (masked_cost + unmasked_cost) - unmasked_cost) / masked_cost
     if needed <= 0:
         floor = unmasked_cost / (masked_cost + unmasked_cost)
-        raise ValueError(f"target sparsity {1 - target_density:g} is unreachable counting all parameters: the "
-                         f"unmasked ones alone are a density of {floor:.4f} (sparsity at most {1 - floor:.4f}); "
-                         f"use accounting='masked' or mask more layers")
+        raise ValueError(
+            f"target sparsity {1 - target_density:g} is unreachable counting all parameters: the "
+            f"unmasked ones alone are a density of {floor:.4f} (sparsity at most {1 - floor:.4f}); "
+            f"use accounting='masked' or mask more layers"
+        )
     return min(needed, 1.0)  # a target of 1 may compute as 1 + 1e-16

@@ -90,9 +90,7 @@ class SparsityConfig:
                 "input_shape", "(one sample's shape, e.g. [3, 224, 224]) is required with cost=flops"
             )
         if self.cost == "custom" and not self.custom_costs:
-            raise ConfigFieldError(
-                "custom_costs", "(module-name glob -> cost per weight) is required with cost=custom"
-            )
+            raise ConfigFieldError("custom_costs", "(module-name glob -> cost per weight) is required with cost=custom")
         if not (0 < self.tol < 1 and math.isfinite(self.tol)):
             raise ConfigFieldError("tol", f"must be in (0, 1), got {self.tol}")
 

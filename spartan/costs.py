@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import defaultdict
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,9 +24,15 @@ from spartan.layers import MaskedTensor
 COST_MODELS = ("params", "flops", "custom")
 
 
-def cost_factors(model: nn.Module, tensors: Sequence[MaskedTensor], cost: str, *,
-                 input_shape: Sequence[int] | None = None, custom: Mapping[str, float] | None = None,
-                 allow_unused: bool = False) -> list[float]:
+def cost_factors(
+    model: nn.Module,
+    tensors: Sequence[MaskedTensor],
+    cost: str,
+    *,
+    input_shape: Sequence[int] | None = None,
+    custom: Mapping[str, float] | None = None,
+    allow_unused: bool = False,
+) -> list[float]:
     """Cost per weight (cost units) of each masked tensor, in order.
 
     ``input_shape`` is one sample's shape without the batch dim (e.g. ``(3, 224, 224)``), needed for ``flops``;
@@ -44,8 +50,9 @@ def cost_factors(model: nn.Module, tensors: Sequence[MaskedTensor], cost: str, *
     raise ValueError(f"cost must be one of {COST_MODELS}, got {cost!r}")
 
 
-def flops_per_weight(model: nn.Module, tensors: Sequence[MaskedTensor], input_shape: Sequence[int], *,
-                     allow_unused: bool = False) -> list[float]:
+def flops_per_weight(
+    model: nn.Module, tensors: Sequence[MaskedTensor], input_shape: Sequence[int], *, allow_unused: bool = False
+) -> list[float]:
     """Multiply-accumulates per weight per sample of each masked tensor, from one traced forward (eval mode)."""
     uses: dict[tuple[int, str], float] = defaultdict(float)
     masked = {id(t.module) for t in tensors}
@@ -71,8 +78,10 @@ def flops_per_weight(model: nn.Module, tensors: Sequence[MaskedTensor], input_sh
     factors = [uses[(id(t.module), t.attr)] for t in tensors]
     unused = [t.name for t, f in zip(tensors, factors) if f == 0]
     if unused and not allow_unused:
-        raise ValueError(f"the traced forward at input_shape {tuple(input_shape)} never used {unused}; exclude "
-                         f"them from masking or use another cost model")
+        raise ValueError(
+            f"the traced forward at input_shape {tuple(input_shape)} never used {unused}; exclude "
+            f"them from masking or use another cost model"
+        )
     return factors
 
 
@@ -83,6 +92,7 @@ def _output_positions_hook(uses):
         else:  # Linear: every leading dim but the batch is a token
             positions = math.prod(output.shape[1:-1]) if output.dim() > 1 else 1
         uses[(id(module), "weight")] += positions
+
     return hook
 
 
@@ -98,6 +108,7 @@ def _attention_hook(uses):
         uses[(id(module), "k_proj_weight")] += kv_len
         uses[(id(module), "v_proj_weight")] += kv_len
         uses[(id(module.out_proj), "weight")] += q_len
+
     return hook
 
 
@@ -114,6 +125,7 @@ def _custom_factors(tensors: Sequence[MaskedTensor], custom: Mapping[str, float]
             missing.append(t.module_name)
         factors.append(float(factor or 0))
     if missing:
-        raise ValueError(f"custom cost factors give no factor for layers {missing}; add a matching glob "
-                         f"(e.g. '*' as a default)")
+        raise ValueError(
+            f"custom cost factors give no factor for layers {missing}; add a matching glob (e.g. '*' as a default)"
+        )
     return factors

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,8 +25,9 @@ _compile_enabled = os.environ.get("SPARTAN_COMPILE", "1") != "0"
 _compiled: dict[Callable, Callable] = {}
 
 
-def soft_mask_pass(u: Tensor, costs: Tensor | None, out: Tensor, lam_hi: Tensor, lam_lo: Tensor,
-                   beta: Tensor) -> tuple[Tensor, Tensor]:
+def soft_mask_pass(
+    u: Tensor, costs: Tensor | None, out: Tensor, lam_hi: Tensor, lam_lo: Tensor, beta: Tensor
+) -> tuple[Tensor, Tensor]:
     """Write ``m = sigmoid(beta * (u - lam))`` into ``out``.
 
     Returns ``[Σ c·m, Σ c·s, Σ c·s·(1 − 2m), Σ (u − u)]`` and ``[max s]`` with ``s = m(1 − m)``: the
@@ -69,8 +70,9 @@ def band_pass(u: Tensor, costs: Tensor | None, flags: Tensor, lo: Tensor, hi: Te
     return sums, sums.new_empty(0)
 
 
-def run(kernel: Callable[..., tuple[Tensor, Tensor]], u: Tensor, costs: Tensor | None, out: Tensor,
-        *scalars: Tensor) -> list[float]:
+def run(
+    kernel: Callable[..., tuple[Tensor, Tensor]], u: Tensor, costs: Tensor | None, out: Tensor, *scalars: Tensor
+) -> list[float]:
     """Run ``kernel(u, costs, out, *scalars)`` over all of ``u``; return its sums followed by its maxima."""
     global _compile_enabled
     if _compile_enabled and u.numel() >= COMPILE_MIN_NUMEL:
@@ -81,8 +83,12 @@ def run(kernel: Callable[..., tuple[Tensor, Tensor]], u: Tensor, costs: Tensor |
             return torch.cat(fn(u, costs, out, *scalars)).tolist()
         except Exception as err:  # a missing C++ compiler or Triton must not stop training
             _compile_enabled = False
-            warnings.warn(f"spartan: torch.compile of the top-k kernels failed ({type(err).__name__}: "
-                          f"{err}); falling back to eager chunked kernels", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"spartan: torch.compile of the top-k kernels failed ({type(err).__name__}: "
+                f"{err}); falling back to eager chunked kernels",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     sums = maxima = None
     for start in range(0, u.numel(), EAGER_CHUNK):
         part = slice(start, start + EAGER_CHUNK)

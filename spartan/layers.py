@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -81,8 +81,14 @@ class MaskedTensor:
         return blocks.reshape(self.shape)
 
 
-def find_masked_tensors(model: nn.Module, *, include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
-                        block: Sequence[int] = (1, 1), block_fallback: bool = False) -> list[MaskedTensor]:
+def find_masked_tensors(
+    model: nn.Module,
+    *,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+    block: Sequence[int] = (1, 1),
+    block_fallback: bool = False,
+) -> list[MaskedTensor]:
     """The maskable weights of ``model`` whose module name matches an ``include`` glob and no ``exclude`` glob.
 
     Every glob must match at least one maskable module (a typo must not silently mask nothing). A weight
@@ -90,16 +96,17 @@ def find_masked_tensors(model: nn.Module, *, include: Sequence[str] = ("*",), ex
     which masks that weight unstructured and logs it.
     """
     block = _check_block(block)
-    candidates = [(name, module, attr) for name, module in model.named_modules()
-                  for attr in _masked_attrs(module)]
+    candidates = [(name, module, attr) for name, module in model.named_modules() for attr in _masked_attrs(module)]
     if not candidates:
         raise ValueError(f"{type(model).__name__} has no Conv2d, Linear or MultiheadAttention weights to mask")
     module_names = sorted({name for name, _, _ in candidates})
     for kind, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in module_names):
-                raise ValueError(f"{kind} pattern {pattern!r} matches no maskable layer; maskable layers are "
-                                 f"{_preview(module_names)}")
+                raise ValueError(
+                    f"{kind} pattern {pattern!r} matches no maskable layer; maskable layers are "
+                    f"{_preview(module_names)}"
+                )
     selected = []
     for name, module, attr in candidates:
         if not _matches(name, include) or _matches(name, exclude):
@@ -109,10 +116,11 @@ def find_masked_tensors(model: nn.Module, *, include: Sequence[str] = ("*",), ex
         if shape[0] % block[0] or shape[1] % block[1]:
             where = f"{name + '.' if name else ''}{attr} of shape {tuple(shape)}"
             if not block_fallback:
-                raise ValueError(f"block {block} does not divide {where}; choose a block dividing its first two "
-                                 f"dims, exclude the layer, or enable block_fallback to mask it unstructured")
-            log.warning("spartan: block %s does not divide %s; masking it unstructured (block_fallback)",
-                        block, where)
+                raise ValueError(
+                    f"block {block} does not divide {where}; choose a block dividing its first two "
+                    f"dims, exclude the layer, or enable block_fallback to mask it unstructured"
+                )
+            log.warning("spartan: block %s does not divide %s; masking it unstructured (block_fallback)", block, where)
             tensor_block = (1, 1)
         selected.append(MaskedTensor(name, module, attr, tensor_block))
     if not selected:

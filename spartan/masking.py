@@ -12,13 +12,14 @@ cost of one entry in cost units.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from spartan.layers import MaskedTensor
+
 
 @dataclass(eq=False)
 class GradientCorrection:
@@ -53,8 +54,16 @@ class _SpartanWeight(torch.autograd.Function):
     """``w_eff = ST(m ⊙ w, H)``: forward ``H·m·w``; backward the local part of the exact gradient."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, keep: Tensor, soft: Tensor, slope: Tensor, tensor: MaskedTensor,
-                cost: float, correction: GradientCorrection) -> Tensor:
+    def forward(
+        ctx,
+        weight: Tensor,
+        keep: Tensor,
+        soft: Tensor,
+        slope: Tensor,
+        tensor: MaskedTensor,
+        cost: float,
+        correction: GradientCorrection,
+    ) -> Tensor:
         ctx.save_for_backward(weight, soft, slope)
         ctx.tensor, ctx.cost, ctx.correction = tensor, cost, correction
         return weight * tensor.expand(keep)
@@ -83,8 +92,15 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None, None
 
 
-def spartan_weight(weight: Tensor, tensor: MaskedTensor, keep: Tensor, soft: Tensor, slope: Tensor,
-                   cost: float, correction: GradientCorrection) -> Tensor:
+def spartan_weight(
+    weight: Tensor,
+    tensor: MaskedTensor,
+    keep: Tensor,
+    soft: Tensor,
+    slope: Tensor,
+    cost: float,
+    correction: GradientCorrection,
+) -> Tensor:
     """Spartan's forward weight; ``keep = H·m`` is precomputed by the caller (it is what the forward uses)."""
     return _SpartanWeight.apply(weight, keep, soft, slope, tensor, cost, correction)
 

@@ -17,8 +17,9 @@ from torch import Tensor
 from spartan.topk import FIT_RTOL
 
 
-def sinkhorn_soft_topk(values: Tensor, budget: float, beta: float, costs: Tensor | None = None, *,
-                       tol: float = 0.01, max_iter: int = 100) -> tuple[Tensor, int]:
+def sinkhorn_soft_topk(
+    values: Tensor, budget: float, beta: float, costs: Tensor | None = None, *, tol: float = 0.01, max_iter: int = 100
+) -> tuple[Tensor, int]:
     """Soft top-k mask by Sinkhorn; returns ``(mask, iterations)``, computed in ``values``' dtype.
 
     Transport plan ``P = [c·m, c·(1 − m)]`` between entries (row masses ``c``) and the bins keep / drop

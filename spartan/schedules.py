@@ -23,19 +23,19 @@ class Schedule:
       ``geometric``; the √(block numel) factor compensates for block sums having a smaller relative spread;
     - at ``freeze_step = round((1 − finetune_frac) · total_steps)`` the masks freeze for fine-tuning.
 
-    The values are validated by :class:`spartan.SparsityConfig`, whose :meth:`~spartan.SparsityConfig.schedule`
-    builds one; ``total_steps`` is checked here.
+    The values (and their defaults) are :class:`spartan.SparsityConfig`'s, whose
+    :meth:`~spartan.SparsityConfig.schedule` builds one; ``total_steps`` is checked here.
     """
 
     total_steps: int
     density_final: float
-    density_init: float = 1.0
-    warmup_frac: float = 0.2
-    finetune_frac: float = 0.2
-    density_schedule: str = "linear"
-    beta_init: float = 1.0
-    beta_final: float = 10.0
-    beta_schedule: str = "linear"
+    density_init: float
+    warmup_frac: float
+    finetune_frac: float
+    density_schedule: str
+    beta_init: float
+    beta_final: float
+    beta_schedule: str
     warmup_steps: float = field(init=False)
     freeze_step: int = field(init=False)
 

@@ -62,7 +62,11 @@ class Sparsifier:
         self.method = build_method(config.method)
         self.schedule = config.schedule(total_steps)
         self.tensors = find_masked_tensors(
-            model, include=config.include, exclude=config.exclude, block=config.block, block_fallback=config.block_fallback
+            model,
+            include=config.include,
+            exclude=config.exclude,
+            block=config.block,
+            block_fallback=config.block_fallback,
         )
         self.factors = cost_factors(
             model, self.tensors, config.cost, input_shape=config.input_shape, custom=config.custom_costs
@@ -104,7 +108,9 @@ class Sparsifier:
                 allow_unused=True,
             )
         except ValueError as err:
-            raise ValueError(f"accounting='all' counts the excluded layers too: {err} (or use accounting='masked')") from None
+            raise ValueError(
+                f"accounting='all' counts the excluded layers too: {err} (or use accounting='masked')"
+            ) from None
         return float(sum(f * t.weight.numel() for f, t in zip(factors, others)))
 
     def _make_groups(self) -> list[Group]:
@@ -367,8 +373,9 @@ class Sparsifier:
         mine, theirs = self._fingerprint(), state.get("fingerprint")
         if theirs != mine:
             path, saved, this = first_difference(theirs, mine)
+            where = path or "state"
             raise ValueError(
-                f"sparsifier state does not match this model/config: {path or 'state'}: saved {saved!r}, this run {this!r}"
+                f"sparsifier state does not match this model/config: {where}: saved {saved!r}, this run {this!r}"
             )
         if state["finalized"]:
             raise ValueError("sparsifier state is from a finalized run; there is nothing to resume")
@@ -391,8 +398,9 @@ class Sparsifier:
         self._update()  # before the freeze step, so this only rebuilds the current masks
 
 
-def measure_sparsity(model: nn.Module, config: SparsityConfig,
-                     input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+def measure_sparsity(
+    model: nn.Module, config: SparsityConfig, input_shape: tuple[int, ...] | None = None
+) -> dict[str, Any]:
     """The :meth:`Sparsifier.report` of a plain model (e.g. a finalized one, loaded from disk): zeros counted in
     the weights ``config`` selects (its ``include``/``exclude``/``block``), FLOPs when ``input_shape`` is given.
 
@@ -400,22 +408,31 @@ def measure_sparsity(model: nn.Module, config: SparsityConfig,
     / ``params_masked_kept`` the masked weights; ``sparsity_all`` and ``sparsity_masked`` are the fractions of
     zeros over each; FLOPs are multiply-adds per sample in the masked layers.
     """
-    tensors = find_masked_tensors(model, include=config.include, exclude=config.exclude, block=config.block,
-                                  block_fallback=config.block_fallback)
-    report = _density_report(model, tensors, [int(torch.count_nonzero(t.weight)) for t in tensors],
-                             input_shape or config.input_shape)
+    tensors = find_masked_tensors(
+        model, include=config.include, exclude=config.exclude, block=config.block, block_fallback=config.block_fallback
+    )
+    report = _density_report(
+        model, tensors, [int(torch.count_nonzero(t.weight)) for t in tensors], input_shape or config.input_shape
+    )
     report["totals"]["accounting"] = config.accounting
     return report
 
 
-def _density_report(model: nn.Module, tensors: list[MaskedTensor], kept: list[int],
-                    input_shape: tuple[int, ...] | None) -> dict[str, Any]:
+def _density_report(
+    model: nn.Module, tensors: list[MaskedTensor], kept: list[int], input_shape: tuple[int, ...] | None
+) -> dict[str, Any]:
     flops = flops_per_weight(model, tensors, input_shape) if input_shape else None
     layers = []
     for i, tensor in enumerate(tensors):
         numel = tensor.weight.numel()
-        row = {"name": tensor.name, "shape": tuple(tensor.shape), "block": tensor.block, "density": kept[i] / numel,
-               "params": numel, "params_kept": kept[i]}
+        row = {
+            "name": tensor.name,
+            "shape": tuple(tensor.shape),
+            "block": tensor.block,
+            "density": kept[i] / numel,
+            "params": numel,
+            "params_kept": kept[i],
+        }
         if flops is not None:
             row["flops_dense"], row["flops_sparse"] = flops[i] * numel, flops[i] * kept[i]
         layers.append(row)

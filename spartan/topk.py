@@ -86,8 +86,10 @@ def _unit_values(values: Tensor, costs: Tensor | None, dtype: torch.dtype) -> Te
 def _validate(values: Tensor, budget: float, costs: Tensor | None) -> tuple[float, float]:
     """Check the shared arguments; return ``(budget, total_cost)`` as floats."""
     if not isinstance(values, Tensor) or not values.is_floating_point():
-        raise ValueError(f"values must be a floating-point tensor, got {type(values).__name__}"
-                         f"{'' if not isinstance(values, Tensor) else ' of dtype ' + str(values.dtype)}")
+        raise ValueError(
+            f"values must be a floating-point tensor, got {type(values).__name__}"
+            f"{'' if not isinstance(values, Tensor) else ' of dtype ' + str(values.dtype)}"
+        )
     if values.numel() == 0:
         raise ValueError("values must not be empty (got a tensor with 0 entries)")
     if costs is None:
@@ -126,9 +128,17 @@ def _sample(u: Tensor, costs: Tensor | None) -> tuple[Tensor, Tensor | None]:
 # ------------------------------------------------------------------------------------------ soft top-k
 
 
-def solve_soft_topk(values: Tensor, budget: float, beta: float, costs: Tensor | None = None, *,
-                    lam_init: float | None = None, tol: float = 1e-6, max_iter: int = 100,
-                    out: Tensor | None = None) -> SoftTopKSolution:
+def solve_soft_topk(
+    values: Tensor,
+    budget: float,
+    beta: float,
+    costs: Tensor | None = None,
+    *,
+    lam_init: float | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    out: Tensor | None = None,
+) -> SoftTopKSolution:
     """Solve the soft top-k mask without autograd, returning ``λ`` and solver statistics.
 
     ``beta`` (> 0) is the inverse regularization strength in 1/unit-value units. Stops once
@@ -173,8 +183,17 @@ def _positive_finite(name: str, x: float) -> float:
     return x
 
 
-def _solve_lambda(u: Tensor, c: Tensor | None, mask: Tensor, budget: float, total: float, beta: float,
-                  lam_init: float | None, tol: float, max_iter: int) -> tuple[float, int, float, float]:
+def _solve_lambda(
+    u: Tensor,
+    c: Tensor | None,
+    mask: Tensor,
+    budget: float,
+    total: float,
+    beta: float,
+    lam_init: float | None,
+    tol: float,
+    max_iter: int,
+) -> tuple[float, int, float, float]:
     """Safeguarded Newton (Halley) on ``f(λ) = Σ c·sigmoid(β(u − λ)) − B``, strictly decreasing in λ.
 
     Keeps a bracket ``lo < λ* < hi`` from the signs seen so far; a step leaving it, or one not shrinking
@@ -227,8 +246,12 @@ def _solve_lambda(u: Tensor, c: Tensor | None, mask: Tensor, budget: float, tota
                 break
             step_before, step = step, midpoint - lam
         lam += step
-    warnings.warn(f"soft_topk: λ solve stopped after {it} passes with relative budget error "
-                  f"{abs(f) / budget:.3e} (tol {tol:.1e})", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"soft_topk: λ solve stopped after {it} passes with relative budget error "
+        f"{abs(f) / budget:.3e} (tol {tol:.1e})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return lam, it, abs(f) / budget, slope
 
 
@@ -257,8 +280,16 @@ class SoftTopK(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values: Tensor, costs: Tensor | None, budget: float, beta: float,
-                lam_init: float | None, tol: float, max_iter: int) -> Tensor:
+    def forward(
+        ctx,
+        values: Tensor,
+        costs: Tensor | None,
+        budget: float,
+        beta: float,
+        lam_init: float | None,
+        tol: float,
+        max_iter: int,
+    ) -> Tensor:
         solution = solve_soft_topk(values, budget, beta, costs, lam_init=lam_init, tol=tol, max_iter=max_iter)
         ctx.save_for_backward(solution.mask, costs)
         ctx.beta, ctx.slope_total = float(beta), solution.slope_total
@@ -279,8 +310,16 @@ class SoftTopK(torch.autograd.Function):
         return grad_values.to(ctx.values_dtype), None, None, None, None, None, None
 
 
-def soft_topk(values: Tensor, budget: float, beta: float, costs: Tensor | None = None, *,
-              lam_init: float | None = None, tol: float = 1e-6, max_iter: int = 100) -> Tensor:
+def soft_topk(
+    values: Tensor,
+    budget: float,
+    beta: float,
+    costs: Tensor | None = None,
+    *,
+    lam_init: float | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+) -> Tensor:
     """Differentiable soft top-k mask ``m = sigmoid(β (v/c − λ))`` with ``Σ c·m = budget``.
 
     ``budget`` is in cost units (a number of entries when ``costs`` is None), ``beta`` > 0 sharpens the
@@ -293,8 +332,9 @@ def soft_topk(values: Tensor, budget: float, beta: float, costs: Tensor | None =
 # ------------------------------------------------------------------------------------------ hard top-k
 
 
-def hard_threshold(values: Tensor, budget: float, costs: Tensor | None = None, *,
-                   init: HardThreshold | None = None) -> HardThreshold:
+def hard_threshold(
+    values: Tensor, budget: float, costs: Tensor | None = None, *, init: HardThreshold | None = None
+) -> HardThreshold:
     """Find the hard top-k set by unit value within ``budget`` (cost units) without sorting everything.
 
     A band of unit values around the boundary comes from the quantile of a strided sample (or, warm, from
@@ -353,8 +393,9 @@ def _step_out(edge: float, width: float, direction: int) -> float:
     return edge + direction * 4.0 * max(width, 1e-6 * abs(edge), 1e-30)
 
 
-def _boundary_in_band(u: Tensor, c: Tensor | None, flags: Tensor, cost_above: float,
-                      fits: float) -> tuple[float, Tensor, float] | None:
+def _boundary_in_band(
+    u: Tensor, c: Tensor | None, flags: Tensor, cost_above: float, fits: float
+) -> tuple[float, Tensor, float] | None:
     """Locate the first entry that does not fit among the flagged ones.
 
     Returns ``(threshold, tie_keep, kept_cost)``, or None when rounding makes the whole band fit after all.

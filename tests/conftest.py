@@ -30,12 +30,25 @@ def clean_env(home: Path) -> dict[str, str]:
     return {**env, "HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def run_cli(script: str, *args: str, cwd: Path, home: Path | None = None, timeout: int = 300,
-            launcher: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    script: str,
+    *args: str,
+    cwd: Path,
+    home: Path | None = None,
+    timeout: int = 300,
+    launcher: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     command = [*launcher] if launcher else [sys.executable]
     target = [script] if script.startswith("-") else [str(ROOT / script)]  # "-c" runs code
-    return subprocess.run([*command, *target, *args], cwd=cwd, env={**clean_env(home or cwd), **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*command, *target, *args],
+        cwd=cwd,
+        env={**clean_env(home or cwd), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

@@ -48,8 +48,12 @@ def test_vit_attention_projections_are_found():
 
 def test_separate_qkv_projections_are_found():
     attention = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)
-    assert [t.attr for t in find_masked_tensors(attention)] == ["q_proj_weight", "k_proj_weight",
-                                                                "v_proj_weight", "weight"]
+    assert [t.attr for t in find_masked_tensors(attention)] == [
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "weight",
+    ]
 
 
 def test_include_and_exclude_globs():
@@ -58,13 +62,16 @@ def test_include_and_exclude_globs():
     assert tensors and all(t.module_name.startswith("encoder.") and ".mlp." not in t.module_name for t in tensors)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"include": ["encoder.*"]}, "include pattern 'encoder.\\*' matches no maskable layer"),
-    ({"exclude": ["*.fc2"]}, "exclude pattern '\\*.fc2' matches no maskable layer"),
-    ({"include": ["fc"], "exclude": ["fc"]}, "leave no layer to mask"),
-    ({"block": (0, 4)}, "block must be two positive integers"),
-    ({"block": (2.5, 2)}, "block must be two positive integers"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"include": ["encoder.*"]}, "include pattern 'encoder.\\*' matches no maskable layer"),
+        ({"exclude": ["*.fc2"]}, "exclude pattern '\\*.fc2' matches no maskable layer"),
+        ({"include": ["fc"], "exclude": ["fc"]}, "leave no layer to mask"),
+        ({"block": (0, 4)}, "block must be two positive integers"),
+        ({"block": (2.5, 2)}, "block must be two positive integers"),
+    ],
+)
 def test_bad_filters_and_blocks(kwargs, message):
     with pytest.raises(ValueError, match=message):
         find_masked_tensors(torchvision.models.resnet18(), **kwargs)
@@ -127,11 +134,14 @@ def test_accounting_over_all_parameters_makes_masked_layers_sparser():
         masked_density(0.05, masked_cost=900, unmasked_cost=100, accounting="all")
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: layer_densities([(2, 2)], [4], 0.5, "random"), "allocation must be one of"),
-    (lambda: layer_densities([(2, 2)], [4], 0.0, "erk"), r"density must be in \(0, 1\]"),
-    (lambda: masked_density(0.5, 10, 1, "some"), "accounting must be one of"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: layer_densities([(2, 2)], [4], 0.5, "random"), "allocation must be one of"),
+        (lambda: layer_densities([(2, 2)], [4], 0.0, "erk"), r"density must be in \(0, 1\]"),
+        (lambda: masked_density(0.5, 10, 1, "some"), "accounting must be one of"),
+    ],
+)
 def test_bad_allocation_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
@@ -187,11 +197,14 @@ def test_custom_factors_by_glob():
         cost_factors(model, tensors, "custom", custom={"*": -1.0})
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"cost": "energy"}, "cost must be one of"),
-    ({"cost": "flops"}, "the flops cost model needs input_shape"),
-    ({"cost": "custom"}, "the custom cost model needs factors"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"cost": "energy"}, "cost must be one of"),
+        ({"cost": "flops"}, "the flops cost model needs input_shape"),
+        ({"cost": "custom"}, "the custom cost model needs factors"),
+    ],
+)
 def test_bad_cost_arguments(kwargs, message):
     model = TwoConvs()
     with pytest.raises(ValueError, match=message):

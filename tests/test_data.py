@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose_train, run_cli, write_image_folder
+
 from spartan.train.data import build_loaders, get_backend
 from spartan.train.data.backends.digits import DigitsConfig
 from spartan.train.data.backends.ffcv import FFCVConfig
@@ -84,18 +84,25 @@ def test_one_webdataset_shard_feeds_two_training_processes(images, tmp_path):
         write_shards(images, split, out, samples_per_shard=1000)
     loaders = [build_loaders(data_config("webdataset", out), rank=r, world=2) for r in range(2)]
     assert [len(loader.train) for loader in loaders] == [3, 3]  # 24 images // (4 × 2)
-    assert sum((epoch_labels(loader.val) for loader in loaders), collections.Counter()) == \
-        {c: PER_CLASS for c in range(CLASSES)}
+    assert sum((epoch_labels(loader.val) for loader in loaders), collections.Counter()) == {
+        c: PER_CLASS for c in range(CLASSES)
+    }
 
 
 @pytest.mark.parametrize("name", ["imagefolder", "webdataset"])
 def test_an_epoch_replays_exactly(name, images, shards):
-    loaders = build_loaders(data_config(name, images if name == "imagefolder" else shards, num_workers=2),
-                            rank=0, world=2)
+    loaders = build_loaders(
+        data_config(name, images if name == "imagefolder" else shards, num_workers=2), rank=0, world=2
+    )
 
     def epoch(k, rank=0, fresh=False):
-        built = build_loaders(data_config(name, images if name == "imagefolder" else shards, num_workers=2),
-                              rank=rank, world=2) if fresh else loaders
+        built = (
+            build_loaders(
+                data_config(name, images if name == "imagefolder" else shards, num_workers=2), rank=rank, world=2
+            )
+            if fresh
+            else loaders
+        )
         torch.manual_seed(123)
         built.set_epoch(k)
         return torch.cat([x for x, _ in built.train])
@@ -178,8 +185,16 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path):
         build_loaders(data_config("imagefolder", tmp_path / "empty"))
     with pytest.raises(ConfigError, match="has no val/\\*.tar shards"):
         build_loaders(data_config("webdataset", tmp_path / "empty"))
-    done = run_cli("scripts/write_webdataset.py", "--data-dir", str(tmp_path / "nope"), "--split", "train",
-                   "--out", str(tmp_path / "o"), cwd=tmp_path)
+    done = run_cli(
+        "scripts/write_webdataset.py",
+        "--data-dir",
+        str(tmp_path / "nope"),
+        "--split",
+        "train",
+        "--out",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "error: --data-dir" in done.stderr
 
 
@@ -187,11 +202,23 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path):
 def test_train_py_runs_an_epoch_from_real_image_data(name, images, shards, betons, tmp_path):
     path = {"imagefolder": images, "webdataset": shards, "ffcv": betons}[name]
     run_dir = tmp_path / "run"
-    done = run_cli("train.py", "logger=none", "model=resnet18", f"data={name}", f"data.path={path}",
-                   "data.image_size=32", "data.batch_size=8", "data.num_workers=1",
-                   *([] if name == "imagefolder" else [f"data.num_classes={CLASSES}"]),
-                   "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "schedule.epochs=1", "sparsity.target=0.5",
-                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    done = run_cli(
+        "train.py",
+        "logger=none",
+        "model=resnet18",
+        f"data={name}",
+        f"data.path={path}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        *([] if name == "imagefolder" else [f"data.num_classes={CLASSES}"]),
+        "data.mixup_alpha=0.2",
+        "data.cutmix_alpha=1.0",
+        "schedule.epochs=1",
+        "sparsity.target=0.5",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == CLASSES * PER_CLASS // 8 and summary["sparsity_all"] == pytest.approx(0.5, abs=1e-4)
@@ -200,9 +227,11 @@ def test_train_py_runs_an_epoch_from_real_image_data(name, images, shards, beton
 
 
 def test_ffcv_and_webdataset_are_imported_only_when_selected(tmp_path):
-    code = ("import sys, train, eval; from spartan.train.data import build_loaders; "
-            "from spartan.train.data.backends.digits import DigitsConfig; build_loaders(DigitsConfig()); "
-            "assert not {'ffcv', 'webdataset'} & set(sys.modules), sorted({'ffcv', 'webdataset'} & set(sys.modules))")
+    code = (
+        "import sys, train, eval; from spartan.train.data import build_loaders; "
+        "from spartan.train.data.backends.digits import DigitsConfig; build_loaders(DigitsConfig()); "
+        "assert not {'ffcv', 'webdataset'} & set(sys.modules), sorted({'ffcv', 'webdataset'} & set(sys.modules))"
+    )
     done = run_cli("-c", code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -276,8 +305,15 @@ def test_all_unreadable_batch_is_a_clear_error(tmp_path):
     root = write_image_folder(tmp_path / "images", 2, 2)
     for path in (root / "train").rglob("*.JPEG"):
         path.write_bytes(b"not a jpeg")
-    config = compose_train("logger=none", "model=resnet18", "data=imagefolder", f"data.path={root}",
-                           "data.image_size=32", "data.batch_size=2", "schedule.epochs=1")
+    config = compose_train(
+        "logger=none",
+        "model=resnet18",
+        "data=imagefolder",
+        f"data.path={root}",
+        "data.image_size=32",
+        "data.batch_size=2",
+        "schedule.epochs=1",
+    )
     from spartan.train.loop import train
 
     with warnings.catch_warnings():
@@ -289,9 +325,15 @@ def test_all_unreadable_batch_is_a_clear_error(tmp_path):
 def test_skipped_images_are_counted_in_the_metrics(tmp_path):
     root = write_image_folder(tmp_path / "images", CLASSES, PER_CLASS)
     (root / "train" / "n00000002" / "0.JPEG").write_bytes(b"broken")
-    config = compose_train("logger=none", "model=resnet18", "data=imagefolder", f"data.path={root}",
-                           "data.image_size=32", "data.batch_size=8",
-                           "schedule.epochs=1")
+    config = compose_train(
+        "logger=none",
+        "model=resnet18",
+        "data=imagefolder",
+        f"data.path={root}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "schedule.epochs=1",
+    )
     from spartan.train.loop import train
 
     with warnings.catch_warnings():
@@ -307,9 +349,19 @@ def test_ffcv_epochs_that_leave_batches_over_release_their_loader_threads(betons
     from spartan.train.loop import train
 
     # 24 images in batches of 2 = 12 batches; 9 per accumulated step leaves 3 over every epoch.
-    config = compose_train("logger=none", "model=resnet18", "data=ffcv", f"data.path={betons}", "data.image_size=32",
-                           "data.batch_size=2", "data.num_workers=1", f"data.num_classes={CLASSES}",
-                           "trainer.accumulate=9", "schedule.epochs=3", "schedule.warmup_epochs=0")
+    config = compose_train(
+        "logger=none",
+        "model=resnet18",
+        "data=ffcv",
+        f"data.path={betons}",
+        "data.image_size=32",
+        "data.batch_size=2",
+        "data.num_workers=1",
+        f"data.num_classes={CLASSES}",
+        "trainer.accumulate=9",
+        "schedule.epochs=3",
+        "schedule.warmup_epochs=0",
+    )
     before = threading.active_count()
     train(config, tmp_path / "run")
     assert threading.active_count() <= before + 1  # not one abandoned producer thread per epoch

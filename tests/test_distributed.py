@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from helpers.ddp_worker import run
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -20,10 +19,20 @@ def free_port() -> int:
 
 
 def test_ddp_gradients_and_masks_match_single_process(tmp_path):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    workers = [subprocess.Popen([sys.executable, str(HELPERS / "ddp_worker.py"), str(tmp_path)],
-                                env={**env, "RANK": str(rank)}) for rank in range(2)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(HELPERS / "ddp_worker.py"), str(tmp_path)], env={**env, "RANK": str(rank)}
+        )
+        for rank in range(2)
+    ]
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = run(rank=0, world=1, steps=3)

@@ -24,8 +24,8 @@ from spartan.train.data import build_loaders, ffcv_loader  # noqa: E402
 from spartan.train.data import ffcv_writer as write_ffcv  # noqa: E402
 from spartan.train.data.backends.ffcv import FFCVConfig  # noqa: E402
 from spartan.train.data.ffcv_loader import ffcv_loaders  # noqa: E402
-from spartan.train.errors import ConfigError  # noqa: E402
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from spartan.train.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -56,16 +56,24 @@ def betons(tmp_path_factory):
     make_tree(root, {"train": TRAIN_PER_CLASS, "val": VAL_PER_CLASS})
     out = tmp_path_factory.mktemp("ffcv")
     with ThreadPoolExecutor(2) as pool:  # the two writes side by side: each starts a Python that imports FFCV
-        jobs = [pool.submit(write_ffcv.write_split, root, split, out / f"{split}.beton", max_resolution=64, **WRITE)
-                for split in ("train", "val")]
+        jobs = [
+            pool.submit(write_ffcv.write_split, root, split, out / f"{split}.beton", max_resolution=64, **WRITE)
+            for split in ("train", "val")
+        ]
         counts = [job.result() for job in jobs]
     assert counts == [5 * TRAIN_PER_CLASS, 5 * VAL_PER_CLASS]
     return out
 
 
 def config(path, **overrides) -> FFCVConfig:
-    values = {"path": str(path), "image_size": 48, "batch_size": 8, "num_classes": len(COLOURS), "num_workers": 2,
-              **overrides}
+    values = {
+        "path": str(path),
+        "image_size": 48,
+        "batch_size": 8,
+        "num_classes": len(COLOURS),
+        "num_workers": 2,
+        **overrides,
+    }
     return FFCVConfig(**values)
 
 
@@ -95,6 +103,7 @@ def epoch_of(loader) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- the writer
 
+
 def test_written_files_hold_every_image_with_its_label(betons):
     for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
         reader = Reader(str(betons / f"{split}.beton"))
@@ -120,8 +129,11 @@ def test_unreadable_images_are_named_before_writing(tmp_path):
 
 def test_bad_folders_are_one_line_errors(tmp_path):
     (tmp_path / "train").mkdir()
-    cases = [(tmp_path / "nope", "train", "is not a directory"), (tmp_path, "val", "has no val/ folder"),
-             (tmp_path, "train", "has no class folders")]
+    cases = [
+        (tmp_path / "nope", "train", "is not a directory"),
+        (tmp_path, "val", "has no val/ folder"),
+        (tmp_path, "train", "has no class folders"),
+    ]
     for data_dir, split, message in cases:
         with pytest.raises(write_ffcv.ConversionError, match=message):
             write_ffcv.write_split(data_dir, split, tmp_path / "x.beton", **WRITE)
@@ -130,8 +142,21 @@ def test_bad_folders_are_one_line_errors(tmp_path):
     with pytest.raises(write_ffcv.ConversionError, match=r"--data-dir .*: class folder train/n0 has no images"):
         write_ffcv.write_split(tmp_path, "train", tmp_path / "x.beton", **WRITE)
     (tmp_path / "train" / "n0" / "notes.txt").unlink()
-    done = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path), "--split", "val",
-                           "--out", str(tmp_path / "val.beton")], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--data-dir",
+            str(tmp_path),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "val.beton"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert not list(tmp_path.glob("*.beton*"))
 
@@ -140,8 +165,9 @@ def test_bad_options_fail_before_reading(tmp_path):
     with pytest.raises(write_ffcv.ConversionError, match="power of two"):
         write_ffcv.write_split(tmp_path, "train", tmp_path / "x.beton", page_size=3 << 20, **WRITE)
     with pytest.raises(write_ffcv.ConversionError, match="cannot hold a raw 1024x1024"):
-        write_ffcv.write_split(tmp_path, "train", tmp_path / "x.beton", write_mode="raw", max_resolution=1024,
-                               page_size=1 << 21, **WRITE)
+        write_ffcv.write_split(
+            tmp_path, "train", tmp_path / "x.beton", write_mode="raw", max_resolution=1024, page_size=1 << 21, **WRITE
+        )
     assert write_ffcv.default_page_size(512) == 1 << 21 and write_ffcv.default_page_size(1024) == 1 << 22
 
 
@@ -175,13 +201,15 @@ def test_a_failing_writer_worker_stops_at_once_and_names_the_file(tmp_path):
     Image.fromarray(noise).save(tmp_path / "train" / "n0003" / "huge.png")
     out = tmp_path / "train.beton"
     with pytest.raises(write_ffcv.WriteFailed, match=r"huge\.png.*page size"):
-        write_ffcv.write_split(tmp_path, "train", out, write_mode="jpg", max_resolution=2048, page_size=1 << 21,
-                               **{**WRITE, "timeout": 90})
+        write_ffcv.write_split(
+            tmp_path, "train", out, write_mode="jpg", max_resolution=2048, page_size=1 << 21, **{**WRITE, "timeout": 90}
+        )
     assert not out.exists() and not out.with_name("train.beton.tmp").exists()
     assert not leftover_writers()
 
 
 # ---------------------------------------------------------------------------------------------- the loaders
+
 
 @pytest.fixture(scope="module")
 def val_reference(betons):
@@ -200,8 +228,9 @@ def test_validation_epoch_is_every_image_once_normalized(betons, val_reference):
     assert Counter(labels.tolist()) == {label: VAL_PER_CLASS for label in range(5)}
 
 
-@pytest.mark.parametrize("dtype,mode", [("float16", None), ("bfloat16", None), ("float32", "torch"),
-                                        ("bfloat16", "torch")])
+@pytest.mark.parametrize(
+    "dtype,mode", [("float16", None), ("bfloat16", None), ("float32", "torch"), ("bfloat16", "torch")]
+)
 def test_validation_dtypes_and_normalizers_agree(betons, val_reference, monkeypatch, dtype, mode):
     # mode "torch" is the GPU path without CuPy (TorchNormalize), exercised here on the CPU
     monkeypatch.setattr(ffcv_loader, "NORMALIZE_MODE", mode)
@@ -218,8 +247,7 @@ def test_validation_dtypes_and_normalizers_agree(betons, val_reference, monkeypa
 def test_two_processes_split_validation_exactly(betons):
     seen, labels = [], []
     for rank in range(2):
-        loaders = ffcv_loaders(config(betons, val_batch_size=4), rank=rank, world=2, seed=0, device=CPU,
-                               train=False)
+        loaders = ffcv_loaders(config(betons, val_batch_size=4), rank=rank, world=2, seed=0, device=CPU, train=False)
         seen.append(list(loaders.val.indices))
         _, rank_labels = epoch_of(loaders.val)
         assert len(rank_labels) == len(seen[-1])  # no padding, nothing dropped
@@ -265,8 +293,14 @@ def test_config_errors(betons, tmp_path):
     with pytest.raises(ConfigError, match=r"data.path .* has no train.beton \(write it with scripts/write_ffcv"):
         ffcv_loaders(config(tmp_path), rank=0, world=1, seed=0, device=CPU, train=True)
     with pytest.raises(ConfigError, match="data.val_path '/nowhere/v.beton' is not a file"):
-        ffcv_loaders(config(None, train_path=str(betons / "train.beton"), val_path="/nowhere/v.beton"), rank=0,
-                     world=1, seed=0, device=CPU, train=True)
+        ffcv_loaders(
+            config(None, train_path=str(betons / "train.beton"), val_path="/nowhere/v.beton"),
+            rank=0,
+            world=1,
+            seed=0,
+            device=CPU,
+            train=True,
+        )
     with pytest.raises(ConfigError, match="data.num_classes=3 .* labels 0..4"):
         ffcv_loaders(config(betons, num_classes=3), rank=0, world=1, seed=0, device=CPU, train=False)
     with pytest.raises(ConfigError, match="exceeds the 40 training images"):

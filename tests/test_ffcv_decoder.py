@@ -17,8 +17,12 @@ from torchvision.transforms import RandomResizedCrop  # noqa: E402
 
 from spartan.train.data import ffcv_writer as write_ffcv  # noqa: E402
 from spartan.train.data.backends.ffcv import FFCVConfig  # noqa: E402
-from spartan.train.data.ffcv_decoder import (CropResizeDecoder, center_crop, flip_horizontally,  # noqa: E402
-                                             random_resized_crop)
+from spartan.train.data.ffcv_decoder import (
+    CropResizeDecoder,
+    center_crop,
+    flip_horizontally,  # noqa: E402
+    random_resized_crop,
+)
 from spartan.train.data.ffcv_loader import ffcv_loaders  # noqa: E402
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -57,7 +61,8 @@ def test_random_resized_crops_follow_torchvision_rule():
         top, left, h, w = crops.T
         assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
     (our_area, our_aspect), (their_area, their_aspect) = [
-        (crops[:, 2] * crops[:, 3] / (height * width), crops[:, 3] / crops[:, 2]) for crops in (ours, theirs)]
+        (crops[:, 2] * crops[:, 3] / (height * width), crops[:, 3] / crops[:, 2]) for crops in (ours, theirs)
+    ]
     for q in (0.1, 0.5, 0.9):
         assert abs(np.quantile(our_area, q) - np.quantile(their_area, q)) < 0.04
         assert abs(np.quantile(our_aspect, q) - np.quantile(their_aspect, q)) < 0.04
@@ -106,8 +111,21 @@ def stored(tmp_path_factory):
     out = tmp_path_factory.mktemp("betons")
     files = {mode: out / f"{mode}.beton" for mode in ("raw", "jpg")}
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(write_ffcv.write_split, root, "train", file, write_mode=mode, max_resolution=64,
-                            jpeg_quality=95, workers=1, timeout=120, progress=False) for mode, file in files.items()]
+        jobs = [
+            pool.submit(
+                write_ffcv.write_split,
+                root,
+                "train",
+                file,
+                write_mode=mode,
+                max_resolution=64,
+                jpeg_quality=95,
+                workers=1,
+                timeout=120,
+                progress=False,
+            )
+            for mode, file in files.items()
+        ]
         assert [job.result() for job in jobs] == [IMAGES, IMAGES]
     return pixels, files
 
@@ -115,8 +133,17 @@ def stored(tmp_path_factory):
 def decoded(file: Path, train: bool, **overrides) -> tuple[np.ndarray, np.ndarray]:
     """One epoch of ``data=ffcv`` (batches of 4, 2 threads unless overridden) from ``file``, un-normalized to
     uint8 H×W×3 levels (as floats), and the labels."""
-    config = FFCVConfig(**{"train_path": str(file), "val_path": str(file), "image_size": SIZE, "batch_size": 4,
-                           "num_classes": IMAGES, "num_workers": 2, **overrides})
+    config = FFCVConfig(
+        **{
+            "train_path": str(file),
+            "val_path": str(file),
+            "image_size": SIZE,
+            "batch_size": 4,
+            "num_classes": IMAGES,
+            "num_workers": 2,
+            **overrides,
+        }
+    )
     loaders = ffcv_loaders(config, rank=0, world=1, seed=0, device=torch.device("cpu"), train=train)
     batches = [(images.clone(), labels.clone()) for images, labels in (loaders.train if train else loaders.val)]
     images = torch.cat([images for images, _ in batches]).permute(0, 2, 3, 1)
@@ -125,7 +152,7 @@ def decoded(file: Path, train: bool, **overrides) -> tuple[np.ndarray, np.ndarra
 
 
 def area_resized(image: np.ndarray, top: int, left: int, height: int, width: int) -> np.ndarray:
-    crop = image[top:top + height, left:left + width]
+    crop = image[top : top + height, left : left + width]
     return cv2.resize(crop, (SIZE, SIZE), interpolation=cv2.INTER_AREA).astype(np.float64)
 
 
@@ -143,7 +170,7 @@ def test_validation_center_crops_match_opencv(stored, mode, threads):
 def test_training_crops_of_the_whole_image_are_resized_and_half_flipped(stored):
     pixels, files = stored
     flips = []
-    for epoch in range(3):
+    for _ in range(3):
         # scale 1: the crop is the whole image, so only the flip is random (for an oblong image, a draw of
         # the aspect ratio can also fit a crop 1 px narrower or shorter)
         images, labels = decoded(files["raw"], train=True, min_scale=1.0, hflip=True)

@@ -86,8 +86,10 @@ def test_the_library_imports_no_trainer_hydra_wandb_or_data_code():
 # Import names whose distribution (pyproject.toml) is named differently.
 DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "cv2": "opencv-python", "hydra": "hydra-core"}
 USED_IF_INSTALLED = {"cupy"}  # imported under try/except ImportError: FFCV's GPU normalization when present
-OPTIONAL_LOADERS = {"ffcv": ("spartan.train.data.ffcv_", "ffcv"), "webdataset": ("spartan.train.data.webdataset_",
-                                                                                  "webdataset")}
+OPTIONAL_LOADERS = {
+    "ffcv": ("spartan.train.data.ffcv_", "ffcv"),
+    "webdataset": ("spartan.train.data.webdataset_", "webdataset"),
+}
 
 
 def declared() -> dict[str, set[str]]:
@@ -97,8 +99,10 @@ def declared() -> dict[str, set[str]]:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     groups = {"core": project["dependencies"], **project["optional-dependencies"]}
-    names = {g: {re.split(r"[<>=\[ ]", req)[0] for req in reqs if not req.startswith("spartan")} for g, reqs in
-             groups.items()}
+    names = {
+        g: {re.split(r"[<>=\[ ]", req)[0] for req in reqs if not req.startswith("spartan")}
+        for g, reqs in groups.items()
+    }
     for group, reqs in groups.items():
         for req in reqs:
             if req.startswith("spartan["):

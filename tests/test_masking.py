@@ -93,8 +93,10 @@ def test_correction_accumulates_over_micro_batches():
         correction = GradientCorrection(beta=20.0, slope_total=slope_total)
         layers = list(zip(tensors, split(soft, tensors), split(hard, tensors), costs))
         for xb, yb in batches:
-            effective = [spartan_weight(t.weight, t, h_t * m_t, m_t, m_t * (1 - m_t), float(c_t.flatten()[0]),
-                                        correction) for t, m_t, h_t, c_t in layers]
+            effective = [
+                spartan_weight(t.weight, t, h_t * m_t, m_t, m_t * (1 - m_t), float(c_t.flatten()[0]), correction)
+                for t, m_t, h_t, c_t in layers
+            ]
             (loss_of(effective, model, xb, yb) * len(xb) / len(x)).backward()
         correction.apply([(t, m_t * (1 - m_t)) for t, m_t, _, _ in layers])
         return [t.weight.grad.clone() for t in tensors]
@@ -115,8 +117,10 @@ def test_topkast_gradient_is_dense_and_magnitude_gradient_is_masked():
         (straight_through_weight, dense_grads),
         (masked_weight, [g * t.expand(h) for g, t, h in zip(dense_grads, tensors, keeps)]),
     ]:
-        grads = torch.autograd.grad(loss_of([make(t.weight, t, h) for t, h in zip(tensors, keeps)], model, x,
-                                            target), [t.weight for t in tensors])
+        grads = torch.autograd.grad(
+            loss_of([make(t.weight, t, h) for t, h in zip(tensors, keeps)], model, x, target),
+            [t.weight for t in tensors],
+        )
         for got, want in zip(grads, expected):
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
     pruned = [(t.expand(h) == 0) for t, h in zip(tensors, keeps)]

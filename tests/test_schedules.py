@@ -67,16 +67,19 @@ def test_bad_total_steps(steps):
         SparsityConfig().schedule(steps)
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"density_init": 0.05}, r"density_init must be in \[1 - target = 0.1, 1\], got 0.05"),
-    ({"warmup_frac": -0.1}, r"warmup_frac must be in \[0, 1\], got -0.1"),
-    ({"finetune_frac": 1.5}, r"finetune_frac must be in \[0, 1\], got 1.5"),
-    ({"warmup_frac": 0.7, "finetune_frac": 0.5}, r"warmup_frac \+ finetune_frac must be <= 1"),
-    ({"density_schedule": "exp"}, r"density_schedule must be one of \('linear', 'cosine', 'cubic'\)"),
-    ({"beta_schedule": "cubic"}, r"beta_schedule must be one of \('linear', 'geometric'\)"),
-    ({"beta_init": 0.0}, "beta_init must be a finite number > 0, got 0.0"),
-    ({"beta_final": math.inf}, "beta_final must be a finite number > 0, got inf"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"density_init": 0.05}, r"density_init must be in \[1 - target = 0.1, 1\], got 0.05"),
+        ({"warmup_frac": -0.1}, r"warmup_frac must be in \[0, 1\], got -0.1"),
+        ({"finetune_frac": 1.5}, r"finetune_frac must be in \[0, 1\], got 1.5"),
+        ({"warmup_frac": 0.7, "finetune_frac": 0.5}, r"warmup_frac \+ finetune_frac must be <= 1"),
+        ({"density_schedule": "exp"}, r"density_schedule must be one of \('linear', 'cosine', 'cubic'\)"),
+        ({"beta_schedule": "cubic"}, r"beta_schedule must be one of \('linear', 'geometric'\)"),
+        ({"beta_init": 0.0}, "beta_init must be a finite number > 0, got 0.0"),
+        ({"beta_final": math.inf}, "beta_final must be a finite number > 0, got inf"),
+    ],
+)
 def test_bad_schedule_fields_name_the_field(fields, message):
     with pytest.raises(ConfigFieldError, match=f"^{message}") as error:
         SparsityConfig(**fields)

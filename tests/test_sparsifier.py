@@ -53,11 +53,12 @@ def masked_zeros(sparsifier):
 ARCHS = {
     "tv_resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
     "tv_vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32, num_classes=10), (3, 32, 32)),
-    "timm_vit_base_patch16_224": (lambda: timm.create_model("vit_base_patch16_224", img_size=32, num_classes=10),
-                                  (3, 32, 32)),
+    "timm_vit_base_patch16_224": (
+        lambda: timm.create_model("vit_base_patch16_224", img_size=32, num_classes=10),
+        (3, 32, 32),
+    ),
     "timm_convnext_tiny": (lambda: timm.create_model("convnext_tiny", num_classes=10), (3, 32, 32)),
-    "timm_mobilenetv3_small_100": (lambda: timm.create_model("mobilenetv3_small_100", num_classes=10),
-                                   (3, 32, 32)),
+    "timm_mobilenetv3_small_100": (lambda: timm.create_model("mobilenetv3_small_100", num_classes=10), (3, 32, 32)),
 }
 
 
@@ -112,24 +113,37 @@ def test_separate_attention_projections_are_masked_and_finalized():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     config = SparsityConfig(method="spartan", target=0.7, accounting="masked", warmup_frac=0.25, finetune_frac=0.25)
     sparsifier = Sparsifier(model, config, total_steps=4, optimizer=optimizer)
-    assert [t.attr for t in sparsifier.tensors] == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "weight",
-                                                    "weight"]
+    assert [t.attr for t in sparsifier.tensors] == [
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "weight",
+        "weight",
+    ]
     train(model, sparsifier, optimizer, 4, input_shape=(5, 18))
     check_finalized(sparsifier.finalize(), CrossAttention, sparsifier, config)
 
 
 @pytest.mark.parametrize("method", ["spartan", "topkast", "magnitude", "dense"])
 @pytest.mark.parametrize("accounting", ["all", "masked"])
-@pytest.mark.parametrize("allocation,block", [("global", (1, 1)), ("uniform", (1, 1)), ("erk", (1, 1)),
-                                              ("global", (4, 4))])
+@pytest.mark.parametrize(
+    "allocation,block", [("global", (1, 1)), ("uniform", (1, 1)), ("erk", (1, 1)), ("global", (4, 4))]
+)
 def test_methods_allocations_and_blocks_hit_the_target(method, accounting, allocation, block):
     build = lambda: torchvision.models.resnet18(num_classes=10)  # noqa: E731
     torch.manual_seed(0)
     model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    config = SparsityConfig(method=method, target=0.0 if method == "dense" else 0.8, accounting=accounting,
-                            allocation=allocation, block=block, block_fallback=True,
-                            warmup_frac=0.5, finetune_frac=0.25)
+    config = SparsityConfig(
+        method=method,
+        target=0.0 if method == "dense" else 0.8,
+        accounting=accounting,
+        allocation=allocation,
+        block=block,
+        block_fallback=True,
+        warmup_frac=0.5,
+        finetune_frac=0.25,
+    )
     sparsifier = Sparsifier(model, config, total_steps=4, optimizer=optimizer)
     train(model, sparsifier, optimizer, 4, input_shape=(3, 16, 16))
     model = sparsifier.finalize()
@@ -152,8 +166,9 @@ def test_flops_weighted_global_allocation_keeps_fewer_costly_weights():
 
     torch.manual_seed(0)
     model = TwoConvs()
-    config = SparsityConfig(method="topkast", target=0.7, cost="flops", input_shape=(8, 8, 8), accounting="masked",
-                            warmup_frac=0.0)
+    config = SparsityConfig(
+        method="topkast", target=0.7, cost="flops", input_shape=(8, 8, 8), accounting="masked", warmup_frac=0.0
+    )
     sparsifier = Sparsifier(model, config, total_steps=10)
     assert sparsifier.factors == [64.0, 32.0]
     values = torch.cat([model.a.weight.detach().abs().reshape(-1), model.b.weight.detach().abs().reshape(-1)])
@@ -170,8 +185,9 @@ def test_spartan_gradients_equal_autograd_through_the_explicit_formula():
     torch.manual_seed(1)
     model = SmallCNN().double()
     beta = 300.0
-    config = SparsityConfig(method="spartan", target=0.6, accounting="masked", warmup_frac=0.0,
-                            beta_init=beta, beta_final=beta, tol=1e-13)
+    config = SparsityConfig(
+        method="spartan", target=0.6, accounting="masked", warmup_frac=0.0, beta_init=beta, beta_final=beta, tol=1e-13
+    )
     sparsifier = Sparsifier(model, config, total_steps=10)
     x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.tensor([1, 4, 7])
     nn.functional.cross_entropy(model(x), y).backward()
@@ -191,8 +207,9 @@ def test_spartan_gradients_equal_autograd_through_the_explicit_formula():
     replacements = {}
     for t, w, a, b in zip(reference.tensors, originals, offsets, offsets[1:]):
         soft_weight = soft[a:b].view_as(w) * w
-        replacements[f"{t.module_name}.{t.attr}"] = soft_weight + (hard[a:b].view_as(w) * soft_weight -
-                                                                  soft_weight).detach()
+        replacements[f"{t.module_name}.{t.attr}"] = (
+            soft_weight + (hard[a:b].view_as(w) * soft_weight - soft_weight).detach()
+        )
     out = torch.func.functional_call(twin, replacements, (x,))
     nn.functional.cross_entropy(out, y).backward()
     for got, w in zip(ours, originals):
@@ -226,8 +243,9 @@ def test_dual_averaging_methods_keep_updating_pruned_weights_before_the_freeze(m
     torch.manual_seed(0)
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    sparsifier = Sparsifier(model, SparsityConfig(method=method, target=0.8, warmup_frac=0.0), total_steps=10,
-                            optimizer=optimizer)
+    sparsifier = Sparsifier(
+        model, SparsityConfig(method=method, target=0.8, warmup_frac=0.0), total_steps=10, optimizer=optimizer
+    )
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     nn.functional.cross_entropy(model(x), y).backward()
     sparsifier.finish_backward()
@@ -247,8 +265,10 @@ def run_steps(steps, resume_at=None, method="spartan"):
         return model, telemetry
     head = train(model, sparsifier, optimizer, resume_at)
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "sparsifier": sparsifier.state_dict()}, buffer)
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sparsifier": sparsifier.state_dict()},
+        buffer,
+    )
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=False)
     torch.manual_seed(123)  # a fresh process: different RNG, fresh objects
@@ -276,8 +296,9 @@ def test_deepcopy_and_state_dict_saving_work_in_every_phase():
     torch.manual_seed(0)
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    sparsifier = Sparsifier(model, SparsityConfig(target=0.8, warmup_frac=0.4, finetune_frac=0.4), total_steps=5,
-                            optimizer=optimizer)  # density anneals over steps 0-2, masks freeze at step 3
+    sparsifier = Sparsifier(
+        model, SparsityConfig(target=0.8, warmup_frac=0.4, finetune_frac=0.4), total_steps=5, optimizer=optimizer
+    )  # density anneals over steps 0-2, masks freeze at step 3
     for phase in ("warm-up", "annealed", "frozen", "finalized"):
         if phase == "annealed":
             train(model, sparsifier, optimizer, 2)
@@ -330,8 +351,12 @@ def test_forgetting_finish_backward_is_an_error():
 def test_telemetry_reports_the_schedule_and_the_solver():
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    sparsifier = Sparsifier(model, SparsityConfig(target=0.9, warmup_frac=0.5, finetune_frac=0.25,
-                                                  beta_init=1, beta_final=9), total_steps=4, optimizer=optimizer)
+    sparsifier = Sparsifier(
+        model,
+        SparsityConfig(target=0.9, warmup_frac=0.5, finetune_frac=0.25, beta_init=1, beta_final=9),
+        total_steps=4,
+        optimizer=optimizer,
+    )
     telemetry = train(model, sparsifier, optimizer, 4)
     assert [t["density_target"] for t in telemetry] == pytest.approx([0.55, 0.1, 0.1, 0.1])
     first = telemetry[0]
@@ -341,27 +366,33 @@ def test_telemetry_reports_the_schedule_and_the_solver():
     assert telemetry[2]["frozen"] and not telemetry[1]["frozen"]
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"target": 1.0}, r"target must be a sparsity in \[0, 1\), got 1.0"),
-    ({"target": -0.1}, r"target must be a sparsity in \[0, 1\)"),
-    ({"method": "rigl"}, "method must be one of"),
-    ({"allocation": "random"}, "allocation must be one of"),
-    ({"cost": "energy"}, "cost must be one of"),
-    ({"density_schedule": "exp"}, "density_schedule must be one of"),
-    ({"cost": "flops"}, "input_shape .* is required with cost=flops"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"target": 1.0}, r"target must be a sparsity in \[0, 1\), got 1.0"),
+        ({"target": -0.1}, r"target must be a sparsity in \[0, 1\)"),
+        ({"method": "rigl"}, "method must be one of"),
+        ({"allocation": "random"}, "allocation must be one of"),
+        ({"cost": "energy"}, "cost must be one of"),
+        ({"density_schedule": "exp"}, "density_schedule must be one of"),
+        ({"cost": "flops"}, "input_shape .* is required with cost=flops"),
+    ],
+)
 def test_bad_config_names_the_field(kwargs, message):
     with pytest.raises(ConfigFieldError, match=f"^{message}") as error:
         SparsityConfig(**kwargs)
     assert error.value.field == message.split()[0]
 
 
-@pytest.mark.parametrize("config,steps,message", [
-    (SparsityConfig(block=(4, 4)), 10, r"block \(4, 4\) does not divide conv1.weight"),
-    (SparsityConfig(include=["encoder.*"]), 10, "include pattern 'encoder.\\*' matches no maskable layer"),
-    (SparsityConfig(), 0, "total_steps must be a positive integer"),
-    (SparsityConfig(target=0.9999), 10, "unreachable counting all parameters"),
-])
+@pytest.mark.parametrize(
+    "config,steps,message",
+    [
+        (SparsityConfig(block=(4, 4)), 10, r"block \(4, 4\) does not divide conv1.weight"),
+        (SparsityConfig(include=["encoder.*"]), 10, "include pattern 'encoder.\\*' matches no maskable layer"),
+        (SparsityConfig(), 0, "total_steps must be a positive integer"),
+        (SparsityConfig(target=0.9999), 10, "unreachable counting all parameters"),
+    ],
+)
 def test_bad_sparsifier_arguments(config, steps, message):
     with pytest.raises(ValueError, match=message):
         Sparsifier(SmallCNN(), config, total_steps=steps)
@@ -371,8 +402,11 @@ def test_loading_state_from_another_config_or_model_is_an_error():
     state = Sparsifier(SmallCNN(), SparsityConfig(target=0.5), total_steps=10).state_dict()
     with pytest.raises(ValueError, match=r"config.target: saved 0.5, this run 0.6"):
         Sparsifier(SmallCNN(), SparsityConfig(target=0.6), total_steps=10).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"tensors\[2\]: saved \('fc.weight', \(10, 16\), \(1, 1\)\), "
-                                         r"this run \('fc.weight', \(7, 16\), \(1, 1\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensors\[2\]: saved \('fc.weight', \(10, 16\), \(1, 1\)\), "
+        r"this run \('fc.weight', \(7, 16\), \(1, 1\)\)",
+    ):
         Sparsifier(SmallCNN(classes=7), SparsityConfig(target=0.5), total_steps=10).load_state_dict(state)
 
 
@@ -398,8 +432,9 @@ def test_excluded_layers_do_not_need_costs_when_only_masked_weights_count():
     config = SparsityConfig(target=0.5, exclude=["1"], cost="custom", custom_costs={"0": 1.0}, accounting="masked")
     Sparsifier(model, config, total_steps=10)
     with pytest.raises(ValueError, match="accounting='all' counts the excluded layers too: .*give no factor"):
-        Sparsifier(model, SparsityConfig(target=0.1, exclude=["1"], cost="custom", custom_costs={"0": 1.0}),
-                   total_steps=10)
+        Sparsifier(
+            model, SparsityConfig(target=0.1, exclude=["1"], cost="custom", custom_costs={"0": 1.0}), total_steps=10
+        )
 
 
 def test_unused_excluded_layer_costs_no_flops():
@@ -417,15 +452,26 @@ def test_moving_the_model_after_building_the_sparsifier_is_a_clear_error():
     model = SmallCNN()
     Sparsifier(model, SparsityConfig(target=0.5), total_steps=10)
     model.to(torch.float64)
-    with pytest.raises(RuntimeError, match=r"conv1.weight is torch.float64 on cpu but its mask was built for "
-                                           r"torch.float32 on cpu: move the model"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"conv1.weight is torch.float64 on cpu but its mask was built for "
+        r"torch.float32 on cpu: move the model",
+    ):
         model(torch.randn(1, 3, 8, 8, dtype=torch.float64))
 
 
 def test_fallback_layers_use_the_unstructured_beta():
     model = torchvision.models.resnet18(num_classes=10)
-    config = SparsityConfig(target=0.5, block=(4, 4), block_fallback=True, allocation="uniform", beta_init=2,
-                            beta_final=2, warmup_frac=0.0, finetune_frac=1.0)  # β is final at step 0
+    config = SparsityConfig(
+        target=0.5,
+        block=(4, 4),
+        block_fallback=True,
+        allocation="uniform",
+        beta_init=2,
+        beta_final=2,
+        warmup_frac=0.0,
+        finetune_frac=1.0,
+    )  # β is final at step 0
     sparsifier = Sparsifier(model, config, total_steps=10)
     betas = {row["name"]: row["beta"] for row in sparsifier.report()["layers"]}
     assert betas["conv1.weight"] == pytest.approx(2.0)  # (64, 3, 7, 7): unstructured fallback

@@ -1,6 +1,5 @@
 """Soft and hard top-k: exactness against float64 oracles, gradients, warm starts and bad input."""
 
-import math
 import warnings
 
 import pytest
@@ -97,8 +96,10 @@ def test_compiled_and_eager_kernels_agree():
                 # A failed compilation falls back to the eager kernels with this warning: here it must fail the
                 # test, which would otherwise compare eager with eager.
                 warnings.filterwarnings("error", message="spartan: torch.compile", category=RuntimeWarning)
-                results[compiled] = (spartan.solve_soft_topk(values, budget, beta, costs),
-                                     spartan.hard_threshold(values, budget, costs))
+                results[compiled] = (
+                    spartan.solve_soft_topk(values, budget, beta, costs),
+                    spartan.hard_threshold(values, budget, costs),
+                )
         finally:
             kernels.set_compile(True)
     (soft_c, hard_c), (soft_e, hard_e) = results[True], results[False]
@@ -264,19 +265,22 @@ def test_hard_threshold_warm_start_agrees_with_cold(weighted):
 
 
 @pytest.mark.parametrize("solver", ["soft", "hard"])
-@pytest.mark.parametrize("values,budget,costs,message", [
-    (torch.tensor([1.0, float("nan"), 2.0]), 1.0, None, "values must be finite"),
-    (torch.tensor([1.0, float("inf"), 2.0]), 1.0, None, "values must be finite"),
-    (torch.ones(3), 1.0, torch.tensor([1.0, 0.0, 1.0]), "costs must be finite and > 0"),
-    (torch.ones(3), 1.0, torch.tensor([1.0, -2.0, 1.0]), "costs must be finite and > 0"),
-    (torch.ones(3), 1.0, torch.tensor([1.0, float("inf"), 1.0]), "costs must be finite and > 0"),
-    (torch.ones(3), 1.0, torch.ones(4), "costs must be a tensor shaped like values"),
-    (torch.ones(3), -0.5, None, r"budget must be in \[0, Σ costs = 3.0\]"),
-    (torch.ones(3), 3.5, None, r"budget must be in \[0, Σ costs = 3.0\]"),
-    (torch.ones(3), float("nan"), None, "budget must be in"),
-    (torch.ones(0), 0.0, None, "values must not be empty"),
-    (torch.ones(3, dtype=torch.long), 1.0, None, "values must be a floating-point tensor"),
-])
+@pytest.mark.parametrize(
+    "values,budget,costs,message",
+    [
+        (torch.tensor([1.0, float("nan"), 2.0]), 1.0, None, "values must be finite"),
+        (torch.tensor([1.0, float("inf"), 2.0]), 1.0, None, "values must be finite"),
+        (torch.ones(3), 1.0, torch.tensor([1.0, 0.0, 1.0]), "costs must be finite and > 0"),
+        (torch.ones(3), 1.0, torch.tensor([1.0, -2.0, 1.0]), "costs must be finite and > 0"),
+        (torch.ones(3), 1.0, torch.tensor([1.0, float("inf"), 1.0]), "costs must be finite and > 0"),
+        (torch.ones(3), 1.0, torch.ones(4), "costs must be a tensor shaped like values"),
+        (torch.ones(3), -0.5, None, r"budget must be in \[0, Σ costs = 3.0\]"),
+        (torch.ones(3), 3.5, None, r"budget must be in \[0, Σ costs = 3.0\]"),
+        (torch.ones(3), float("nan"), None, "budget must be in"),
+        (torch.ones(0), 0.0, None, "values must not be empty"),
+        (torch.ones(3, dtype=torch.long), 1.0, None, "values must be a floating-point tensor"),
+    ],
+)
 def test_bad_input_names_the_argument(solver, values, budget, costs, message):
     with pytest.raises(ValueError, match=message):
         if solver == "soft":
@@ -300,10 +304,15 @@ def test_bad_beta(beta):
         spartan.soft_topk(torch.ones(3), 1.0, beta)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"tol": 0.0}, "tol must be in"), ({"tol": 1.5}, "tol must be in"),
-    ({"max_iter": 0}, "max_iter must be >= 1"), ({"lam_init": float("nan")}, "lam_init must be finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"tol": 0.0}, "tol must be in"),
+        ({"tol": 1.5}, "tol must be in"),
+        ({"max_iter": 0}, "max_iter must be >= 1"),
+        ({"lam_init": float("nan")}, "lam_init must be finite"),
+    ],
+)
 def test_bad_solver_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         spartan.solve_soft_topk(torch.rand(5), 1.0, 1.0, **kwargs)
@@ -332,6 +341,7 @@ def test_hundred_million_entries_within_three_temporary_copies(tmp_path):
     """Peak memory of the solvers over 1e8 float32 values (400 MB) stays under ~3 extra copies."""
     import subprocess
     import sys
+
     script = tmp_path / "peak.py"
     script.write_text(
         "import resource, torch, spartan\n"
@@ -342,7 +352,8 @@ def test_hundred_million_entries_within_three_temporary_copies(tmp_path):
         "s = spartan.solve_soft_topk(values, 1e7, 100.0)\n"
         "h = spartan.hard_threshold(values, 1e7)\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print((peak - base) * 1024 / (4 * values.numel()), s.budget_error)\n")
+        "print((peak - base) * 1024 / (4 * values.numel()), s.budget_error)\n"
+    )
     output = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
     copies, error = map(float, output.split())
     assert copies <= 3.0 and error <= 1e-6

@@ -1,11 +1,9 @@
 """Every shipped config composes, validates and builds its objects; overrides compose as users type them."""
 
-from pathlib import Path
-
 import pytest
 import torch
-
 from conftest import ROOT, compose_train, write_image_folder
+
 from spartan.train.errors import ConfigError
 from spartan.train.loop import Run
 from spartan.train.optim import lr_factor
@@ -14,9 +12,19 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.y
 
 
 def test_the_issue_list_of_experiments_ships():
-    expected = {"digits_spartan", "resnet50_dense", "resnet50_spartan_s80", "resnet50_spartan_s90",
-                "resnet50_spartan_s95", "resnet50_topkast_s90", "resnet50_magnitude_s90", "resnet50_flops_s90",
-                "vitb16_dense", "vitb16_spartan_s90", "vitb16_block16_s90"}
+    expected = {
+        "digits_spartan",
+        "resnet50_dense",
+        "resnet50_spartan_s80",
+        "resnet50_spartan_s90",
+        "resnet50_spartan_s95",
+        "resnet50_topkast_s90",
+        "resnet50_magnitude_s90",
+        "resnet50_flops_s90",
+        "vitb16_dense",
+        "vitb16_spartan_s90",
+        "vitb16_block16_s90",
+    }
     assert expected <= set(EXPERIMENTS)
 
 
@@ -34,8 +42,14 @@ def test_experiment_composes_and_builds(experiment, tmp_path):
     run = Run(config, tmp_path / "run")
     assert config.name == experiment
     method = experiment.split("_")[1]
-    expected_method = {"dense": "dense", "spartan": "spartan", "topkast": "topkast", "magnitude": "magnitude",
-                       "flops": "spartan", "block16": "spartan"}[method]
+    expected_method = {
+        "dense": "dense",
+        "spartan": "spartan",
+        "topkast": "topkast",
+        "magnitude": "magnitude",
+        "flops": "spartan",
+        "block16": "spartan",
+    }[method]
     assert run.sparsifier.config.method == expected_method
     if expected_method != "dense":
         assert run.sparsifier.config.target == {"s80": 0.8, "s95": 0.95}.get(experiment.split("_")[-1], 0.9)
@@ -71,8 +85,15 @@ def test_overrides_compose_as_users_type_them():
     config = compose_train("sparsity=block", "sparsity.block=[32,32]", "sparsity.target=0.9")
     assert config.sparsity.block == (32, 32) and config.sparsity.target == 0.9
     # A group chosen on the command line beats the experiment's choice.
-    config = compose_train("experiment=resnet50_spartan_s95", "data=synthetic", "data.batch_size=8",
-                           "sparsity.method=topkast", "optim.lr=0.5", "seed=3", "trainer.device=cpu")
+    config = compose_train(
+        "experiment=resnet50_spartan_s95",
+        "data=synthetic",
+        "data.batch_size=8",
+        "sparsity.method=topkast",
+        "optim.lr=0.5",
+        "seed=3",
+        "trainer.device=cpu",
+    )
     assert (config.data.name, config.data.batch_size, config.model.name) == ("synthetic", 8, "resnet50")
     assert (config.sparsity.method, config.sparsity.target, config.optim.lr, config.seed) == ("topkast", 0.95, 0.5, 3)
     config = compose_train("sparsity=cost_weighted")
@@ -88,13 +109,23 @@ def test_unknown_keys_and_options_are_hydra_errors():
         compose_train("optim.foo=1")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("sparsity.target=1.0", "sparsity.target"), ("optim.lr=0", "optim.lr"), ("optim.lr=-1", "optim.lr"),
-    ("data.batch_size=0", "data.batch_size"), ("schedule.epochs=0", "schedule.epochs"),
-    ("schedule.warmup_epochs=40", "schedule.warmup_epochs"), ("trainer.accumulate=0", "trainer.accumulate"),
-    ("sparsity.method=prune", "sparsity.method"), ("trainer.amp=fp8", "trainer.amp"),
-    ("data=imagefolder", "data.path"), ("data=imagefolder data.path=", "data.path"), ("seed=-1", "seed"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sparsity.target=1.0", "sparsity.target"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1", "optim.lr"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("schedule.epochs=0", "schedule.epochs"),
+        ("schedule.warmup_epochs=40", "schedule.warmup_epochs"),
+        ("trainer.accumulate=0", "trainer.accumulate"),
+        ("sparsity.method=prune", "sparsity.method"),
+        ("trainer.amp=fp8", "trainer.amp"),
+        ("data=imagefolder", "data.path"),
+        ("data=imagefolder data.path=", "data.path"),
+        ("seed=-1", "seed"),
+    ],
+)
 def test_invalid_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         compose_train(*override.split())
@@ -104,20 +135,25 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     total, warmup = 100, 10
     factors = [lr_factor(s, total, warmup, "cosine", 0.001) for s in range(total)]
     assert factors[0] == pytest.approx(0.1) and factors[warmup - 1] == pytest.approx(1.0)
-    assert factors[warmup] == pytest.approx(1.0) and all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
+    assert factors[warmup] == pytest.approx(1.0) and all(
+        a >= b for a, b in zip(factors[warmup:], factors[warmup + 1 :])
+    )
     assert lr_factor(total, total, warmup, "cosine", 0.001) == pytest.approx(0.001)
     assert lr_factor(55, total, warmup, "linear", 0.0) == pytest.approx(0.5)
     assert lr_factor(90, total, warmup, "constant", 0.0) == 1.0
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["data=imagefolder", "data.path=/x", "data.min_res=160"], "min_res"),
-    (["data=ffcv", "data.path=/x", "data.interpolation=bilinear"], "interpolation"),
-    (["data=ffcv", "data.path=/x", "data.auto_augment=randaugment"], "auto_augment"),
-    (["data=ffcv", "data.path=/x", "data.repeated_augment=3"], "repeated_augment"),
-    (["data=webdataset", "data.path=/x", "data.repeated_augment=3"], "repeated_augment"),
-    (["data=digits", "data.path=/x"], "path"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["data=imagefolder", "data.path=/x", "data.min_res=160"], "min_res"),
+        (["data=ffcv", "data.path=/x", "data.interpolation=bilinear"], "interpolation"),
+        (["data=ffcv", "data.path=/x", "data.auto_augment=randaugment"], "auto_augment"),
+        (["data=ffcv", "data.path=/x", "data.repeated_augment=3"], "repeated_augment"),
+        (["data=webdataset", "data.path=/x", "data.repeated_augment=3"], "repeated_augment"),
+        (["data=digits", "data.path=/x"], "path"),
+    ],
+)
 def test_a_key_of_another_data_option_fails_at_composition(overrides, key):
     from hydra.errors import ConfigCompositionException
 
@@ -126,11 +162,14 @@ def test_a_key_of_another_data_option_fails_at_composition(overrides, key):
     assert f"Key '{key}' not in" in str(error.value.__cause__ or error.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+data.hflip=true", "data.hflip is not a key of SyntheticConfig"),
-    ("+optim.momentun=0.8", "optim.momentun is not a key of OptimConfig"),
-    ("+sparsity.beta=3", "sparsity.beta is not a key of SparsityConfig"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+data.hflip=true", "data.hflip is not a key of SyntheticConfig"),
+        ("+optim.momentun=0.8", "optim.momentun is not a key of OptimConfig"),
+        ("+sparsity.beta=3", "sparsity.beta is not a key of SparsityConfig"),
+    ],
+)
 def test_a_key_added_to_a_typed_group_is_an_error(override, message):
     # Hydra's +key=value forces the key into the structured config, where it would silently do nothing.
     with pytest.raises(ConfigError, match=message):
@@ -148,8 +187,14 @@ def test_every_data_backend_is_an_option_with_its_own_schema():
         assert type(config.data) is backend.schema and config.data.name == name
 
 
-GROUP_SCHEMAS = {"model": "ModelConfig", "sparsity": "SparsityConfig", "schedule": "ScheduleConfig",
-                 "optim": "OptimConfig", "trainer": "TrainerConfig", "logger": "LoggerConfig"}
+GROUP_SCHEMAS = {
+    "model": "ModelConfig",
+    "sparsity": "SparsityConfig",
+    "schedule": "ScheduleConfig",
+    "optim": "OptimConfig",
+    "trainer": "TrainerConfig",
+    "logger": "LoggerConfig",
+}
 
 
 def test_group_options_do_not_repeat_their_schema_defaults():
@@ -172,8 +217,10 @@ def test_group_options_do_not_repeat_their_schema_defaults():
             schema = get_backend(path.stem).schema
         else:
             schema = SparsityConfig if group == "sparsity" else getattr(schemas, GROUP_SCHEMAS[group])
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(schema)}
+        defaults = {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(schema)
+        }
         for key, value in values.items():
             default = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
             assert value != default, f"{path.relative_to(ROOT)}: {key}: {value!r} repeats the schema's default"

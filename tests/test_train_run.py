@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose_train, run_cli, write_image_folder
-from spartan.train.errors import ConfigError
+
 from spartan.train.loop import train
 from spartan.train.models import digits_cnn
 
@@ -33,8 +32,16 @@ def test_out_of_the_box_run_then_eval_agrees(tmp_path):
     assert "name: digits_spartan" in config and "target: 0.9" in config
     records = read_jsonl(run_dir / "metrics.jsonl")
     train_records = [r for r in records if r["kind"] == "train"]
-    assert {"loss", "lr", "img_per_s", "sparsity_target", "sparsity_all", "beta", "solver_iterations",
-            "flip_rate"} <= set(train_records[0])
+    assert {
+        "loss",
+        "lr",
+        "img_per_s",
+        "sparsity_target",
+        "sparsity_all",
+        "beta",
+        "solver_iterations",
+        "flip_rate",
+    } <= set(train_records[0])
     assert [r["epoch"] for r in records if r["kind"] in ("val", "final")] == [1, 2, 3]
     assert any(r["kind"] == "layers" for r in records)
 
@@ -56,10 +63,13 @@ def test_out_of_the_box_run_then_eval_agrees(tmp_path):
     assert done.returncode == 2 and "data.min_res is not a key of data=digits" in done.stderr
 
 
-@pytest.mark.parametrize("content, cause", [
-    (b"not a checkpoint", "UnpicklingError: Unsupported operand"),  # the weights-only unpickler's reason
-    (None, "RuntimeError: PytorchStreamReader failed reading zip archive"),  # a truncated file
-])
+@pytest.mark.parametrize(
+    "content, cause",
+    [
+        (b"not a checkpoint", "UnpicklingError: Unsupported operand"),  # the weights-only unpickler's reason
+        (None, "RuntimeError: PytorchStreamReader failed reading zip archive"),  # a truncated file
+    ],
+)
 def test_an_unreadable_checkpoint_is_named_with_its_cause(finished_run, tmp_path, content, cause):
     bad = tmp_path / "last.pt"
     bad.write_bytes(content if content is not None else (finished_run / "checkpoints" / "last.pt").read_bytes()[:4000])
@@ -68,8 +78,15 @@ def test_an_unreadable_checkpoint_is_named_with_its_cause(finished_run, tmp_path
 
 
 def test_sweep_runs_one_job_per_value(tmp_path):
-    done = run_cli("train.py", "-m", "sparsity.target=0.5,0.8", "logger=none", "schedule.epochs=1",
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    done = run_cli(
+        "train.py",
+        "-m",
+        "sparsity.target=0.5,0.8",
+        "logger=none",
+        "schedule.epochs=1",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summaries = [json.loads((tmp_path / "sweep" / f"{k}_digits_spartan" / "summary.json").read_text()) for k in (0, 1)]
     assert [round(s["sparsity_all"], 4) for s in summaries] == [0.5, 0.8]
@@ -80,10 +97,12 @@ def test_torchrun_two_processes_share_one_run_dir_and_masks(tmp_path):
     masks_dir.mkdir()
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     import os
+
     os.environ["MASKS_DIR"] = str(masks_dir)
     try:
-        done = run_cli("tests/helpers/torchrun_train.py", "logger=none", "schedule.epochs=2", cwd=tmp_path,
-                       launcher=launcher)
+        done = run_cli(
+            "tests/helpers/torchrun_train.py", "logger=none", "schedule.epochs=2", cwd=tmp_path, launcher=launcher
+        )
     finally:
         del os.environ["MASKS_DIR"]
     assert done.returncode == 0, done.stderr[-3000:]
@@ -127,38 +146,54 @@ def test_resume_from_another_run_dir_and_after_the_freeze(tmp_path, tiny_digits)
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != "train.log"}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != "train.log"
+    }
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    train(compose_train("logger=none", "schedule.epochs=1"), run_dir,
-          files={".hydra/config.yaml": "name: digits_spartan\n"})
+    train(
+        compose_train("logger=none", "schedule.epochs=1"),
+        run_dir,
+        files={".hydra/config.yaml": "name: digits_spartan\n"},
+    )
     return run_dir
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["sparsity.target=1.0"], "sparsity.target must be a sparsity in [0, 1), got 1.0"),
-    (["optim.lr=0"], "optim.lr must be a finite number > 0, got 0.0"),
-    (["data.batch_size=0"], "data.batch_size must be an integer > 0, got 0"),
-    (["schedule.epochs=0"], "schedule.epochs must be an integer > 0, got 0"),
-    (["data=imagefolder"], "data.path must name a dataset folder for data=imagefolder, got None"),
-    (["data=imagefolder", "data.path=/no/such/dir"], "data.path '/no/such/dir' is not a directory"),
-    (["sparsity=block", "sparsity.block=[3,3]"], "block (3, 3) does not divide 0.weight"),
-    (["resume=/no/such/checkpoint.pt"], "resume='/no/such/checkpoint.pt' does not exist"),
-    (["sparsity.target=0.8"], "was trained with sparsity.target=0.9, this run has sparsity.target=0.8"),
-    (["model=resnet18", "data=synthetic"], "was trained with model.name='digits_cnn'"),
-    (["optim=adamw"], "was trained with optim.name='sgd'"),
-    (["seed=5"], "was trained with seed=0"),
-    (["+model.kwargs.depth=3"], "model.kwargs={'depth': 3} rejected"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sparsity.target=1.0"], "sparsity.target must be a sparsity in [0, 1), got 1.0"),
+        (["optim.lr=0"], "optim.lr must be a finite number > 0, got 0.0"),
+        (["data.batch_size=0"], "data.batch_size must be an integer > 0, got 0"),
+        (["schedule.epochs=0"], "schedule.epochs must be an integer > 0, got 0"),
+        (["data=imagefolder"], "data.path must name a dataset folder for data=imagefolder, got None"),
+        (["data=imagefolder", "data.path=/no/such/dir"], "data.path '/no/such/dir' is not a directory"),
+        (["sparsity=block", "sparsity.block=[3,3]"], "block (3, 3) does not divide 0.weight"),
+        (["resume=/no/such/checkpoint.pt"], "resume='/no/such/checkpoint.pt' does not exist"),
+        (["sparsity.target=0.8"], "was trained with sparsity.target=0.9, this run has sparsity.target=0.8"),
+        (["model=resnet18", "data=synthetic"], "was trained with model.name='digits_cnn'"),
+        (["optim=adamw"], "was trained with optim.name='sgd'"),
+        (["seed=5"], "was trained with seed=0"),
+        (["+model.kwargs.depth=3"], "model.kwargs={'depth': 3} rejected"),
+    ],
+)
 def test_bad_input_is_one_error_line_and_leaves_the_run_dir_untouched(finished_run, overrides, message):
     before = snapshot(finished_run)
     # Continuing the finished run (resume=auto) with one bad value: caught before anything is written.
-    done = run_cli("train.py", "logger=none", "schedule.epochs=1", f"hydra.run.dir={finished_run}", "resume=auto",
-                   *overrides, cwd=finished_run.parent)
+    done = run_cli(
+        "train.py",
+        "logger=none",
+        "schedule.epochs=1",
+        f"hydra.run.dir={finished_run}",
+        "resume=auto",
+        *overrides,
+        cwd=finished_run.parent,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip()[7:]}"]  # exactly one line
     assert message in done.stderr
@@ -167,8 +202,9 @@ def test_bad_input_is_one_error_line_and_leaves_the_run_dir_untouched(finished_r
 
 def test_a_fresh_start_does_not_overwrite_an_earlier_run(finished_run):
     before = snapshot(finished_run)
-    done = run_cli("train.py", "logger=none", "schedule.epochs=1", f"hydra.run.dir={finished_run}",
-                   cwd=finished_run.parent)
+    done = run_cli(
+        "train.py", "logger=none", "schedule.epochs=1", f"hydra.run.dir={finished_run}", cwd=finished_run.parent
+    )
     assert done.returncode == 2 and "already holds a run" in done.stderr and "resume=auto" in done.stderr
     assert snapshot(finished_run) == before
 
@@ -189,8 +225,14 @@ def test_forced_online_wandb_without_a_key_fails_before_writing(tmp_path):
 def test_unreachable_wandb_server_falls_back_to_offline(tmp_path):
     # A key is configured but the server cannot be reached (a compute node without network).
     env = {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
-    done = run_cli("train.py", "schedule.epochs=1", "logger.init_timeout=3", f"hydra.run.dir={tmp_path / 'run'}",
-                   cwd=tmp_path, env=env)
+    done = run_cli(
+        "train.py",
+        "schedule.epochs=1",
+        "logger.init_timeout=3",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "W&B: offline (online start failed" in done.stdout + done.stderr
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -211,8 +253,17 @@ def test_resume_auto_drops_metrics_logged_after_the_checkpoint(tmp_path, tiny_di
 def test_imagefolder_with_workers_resumes_bitwise(tmp_path):
     # Random crops and flips in 2 worker processes: a resumed run must draw the same augmentations.
     data = write_image_folder(tmp_path / "images")
-    overrides = ("logger=none", "model=resnet18", "data=imagefolder", f"data.path={data}", "data.image_size=32",
-                 "data.batch_size=8", "data.num_workers=2", "schedule.epochs=2", "sparsity.target=0.5")
+    overrides = (
+        "logger=none",
+        "model=resnet18",
+        "data=imagefolder",
+        f"data.path={data}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=2",
+        "schedule.epochs=2",
+        "sparsity.target=0.5",
+    )
     straight = train(compose_train(*overrides), tmp_path / "straight")
     train(compose_train(*overrides, "trainer.stop_after_epochs=1"), tmp_path / "resumed")
     resumed = train(compose_train(*overrides, "resume=auto"), tmp_path / "resumed")
@@ -238,9 +289,20 @@ def test_eval_errors_are_one_line(tmp_path):
 def test_vanilla_torchvision_model_loads_the_final_weights(tmp_path):
     import torchvision
 
-    config = compose_train("model=resnet18", "data=synthetic", "data.image_size=32", "data.num_classes=10",
-                           "data.train_size=64", "data.val_size=16", "data.batch_size=32", "schedule.epochs=1",
-                           "logger=none", "sparsity.target=0.8", "sparsity.warmup_frac=0.5", "sparsity.finetune_frac=0.5")
+    config = compose_train(
+        "model=resnet18",
+        "data=synthetic",
+        "data.image_size=32",
+        "data.num_classes=10",
+        "data.train_size=64",
+        "data.val_size=16",
+        "data.batch_size=32",
+        "schedule.epochs=1",
+        "logger=none",
+        "sparsity.target=0.8",
+        "sparsity.warmup_frac=0.5",
+        "sparsity.finetune_frac=0.5",
+    )
     summary = train(config, tmp_path)
     model = torchvision.models.resnet18(num_classes=10)
     model.load_state_dict(torch.load(tmp_path / "model_final.pt", weights_only=True))
@@ -250,8 +312,16 @@ def test_vanilla_torchvision_model_loads_the_final_weights(tmp_path):
 
 
 def test_gradient_accumulation_and_channels_last(tmp_path, tiny_digits):
-    summary = train(compose_train(*tiny_digits, "data.batch_size=32", "trainer.accumulate=2",
-                                  "trainer.channels_last=true", "trainer.grad_clip=1.0"), tmp_path)
+    summary = train(
+        compose_train(
+            *tiny_digits,
+            "data.batch_size=32",
+            "trainer.accumulate=2",
+            "trainer.channels_last=true",
+            "trainer.grad_clip=1.0",
+        ),
+        tmp_path,
+    )
     assert summary["steps"] == 2 * (1347 // 32 // 2)
     assert summary["sparsity_all"] == pytest.approx(0.9, abs=1e-4)
 
@@ -273,7 +343,6 @@ def test_out_of_the_box_run_reaches_the_target_accuracy(tmp_path):
 def test_compiled_model_trains(tmp_path, tiny_digits):
     summary = train(compose_train(*tiny_digits, "trainer.compile=true"), tmp_path)
     assert summary["sparsity_all"] == pytest.approx(0.9, abs=1e-4)
-
 
 
 @pytest.mark.slow

@@ -88,24 +88,26 @@ class Checkpoint:
         world: int,
     ) -> Checkpoint:
         """The state of a run between two optimizer steps."""
-        return cls({
-            "format": FORMAT,
-            "epoch": progress["epoch"],
-            "step": progress["step"],
-            "progress": progress,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_schedule": lr_schedule.state_dict(),
-            "scaler": scaler.state_dict(),
-            "sparsifier": sparsifier.state_dict(),
-            "amp": str(amp_dtype),
-            "train_config": train_config,
-            "config": run_config,
-            "steps_per_epoch": steps_per_epoch,
-            "val": val,
-            "git": git_version(),
-            "env": environment(world),
-        })
+        return cls(
+            {
+                "format": FORMAT,
+                "epoch": progress["epoch"],
+                "step": progress["step"],
+                "progress": progress,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(),
+                "scaler": scaler.state_dict(),
+                "sparsifier": sparsifier.state_dict(),
+                "amp": str(amp_dtype),
+                "train_config": train_config,
+                "config": run_config,
+                "steps_per_epoch": steps_per_epoch,
+                "val": val,
+                "git": git_version(),
+                "env": environment(world),
+            }
+        )
 
     def save(self, path: Path) -> None:
         atomic_save(self.state, path)
@@ -129,8 +131,9 @@ class Checkpoint:
     def step(self) -> int:
         return self.state["step"]
 
-    def check_resume(self, train_config: dict[str, Any], amp_dtype: torch.dtype | None, trainer_amp: str,
-                     steps_per_epoch: int) -> None:
+    def check_resume(
+        self, train_config: dict[str, Any], amp_dtype: torch.dtype | None, trainer_amp: str, steps_per_epoch: int
+    ) -> None:
         """A :class:`ConfigError` naming the first key in which this run differs from the checkpoint's, if any."""
         saved, where = self.state["train_config"], self.path
         for section in RESUME_MUST_MATCH:
@@ -151,8 +154,15 @@ class Checkpoint:
                 f"(keep data.batch_size × processes × trainer.accumulate)"
             )
 
-    def restore(self, *, model: nn.Module, sparsifier: Any, optimizer: torch.optim.Optimizer, lr_schedule: Any,
-                scaler: torch.amp.GradScaler) -> tuple[dict[str, Any], dict[str, float]]:
+    def restore(
+        self,
+        *,
+        model: nn.Module,
+        sparsifier: Any,
+        optimizer: torch.optim.Optimizer,
+        lr_schedule: Any,
+        scaler: torch.amp.GradScaler,
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         """Load every state into the built objects; return ``(progress, val metrics)``."""
         model.load_state_dict(self.state["model"])
         sparsifier.load_state_dict(self.state["sparsifier"])  # after the weights: masks are rebuilt from them

@@ -8,13 +8,14 @@ import functools
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from spartan.config import ConfigFieldError
-from spartan.train.errors import ConfigError
 from spartan.train.distributed import init_process_group, launched_by_torchrun, shared_timestamp, shutdown
+from spartan.train.errors import ConfigError
 
 
 def prepare_torchrun(argv: list[str]) -> list[str]:

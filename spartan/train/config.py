@@ -10,10 +10,9 @@ OmegaConf's ``MISSING``): the entry points register the schemas (:func:`register
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -60,8 +59,9 @@ class ScheduleConfig:
         positive_int("schedule.epochs", self.epochs)
         finite("schedule.warmup_epochs", self.warmup_epochs, 0.0)
         if self.warmup_epochs > self.epochs:
-            raise ConfigError(f"schedule.warmup_epochs must be <= schedule.epochs = {self.epochs}, "
-                              f"got {self.warmup_epochs!r}")
+            raise ConfigError(
+                f"schedule.warmup_epochs must be <= schedule.epochs = {self.epochs}, got {self.warmup_epochs!r}"
+            )
         choice("schedule.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
@@ -177,7 +177,7 @@ def _overrides(name: str, *schemas: type) -> type:
     for schema in schemas:
         hints = typing.get_type_hints(schema)
         for f in fields(schema):
-            optional.setdefault(f.name, (f.name, Optional[hints[f.name]], field(default=None)))
+            optional.setdefault(f.name, (f.name, hints[f.name] | None, field(default=None)))
     return make_dataclass(name, list(optional.values()))
 
 

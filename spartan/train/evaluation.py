@@ -21,8 +21,17 @@ from spartan.train.errors import ConfigError
 from spartan.train.models import build_model
 from spartan.train.seeding import seed_everything
 
-SPARSITY_FIELDS = ("sparsity_all", "sparsity_masked", "params", "params_kept", "params_masked", "params_masked_kept",
-                   "flops_dense", "flops_sparse", "flops_reduction")
+SPARSITY_FIELDS = (
+    "sparsity_all",
+    "sparsity_masked",
+    "params",
+    "params_kept",
+    "params_masked",
+    "params_masked_kept",
+    "flops_dense",
+    "flops_sparse",
+    "flops_reduction",
+)
 """The sparsity totals that ``summary.json`` and ``eval.json`` both record, with the same meaning
 (:func:`spartan.measure_sparsity`)."""
 
@@ -32,8 +41,13 @@ def sparsity_fields(totals: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None,
-             layout: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    layout: torch.memory_format = torch.contiguous_format,
+) -> dict[str, float]:
     """Top-1, top-5 (fractions) and mean cross-entropy over ``loader``, summed over all processes."""
     was_training = model.training
     model.eval()
@@ -69,13 +83,16 @@ def find_weights(run_dir: Path | None, checkpoint: Path | None) -> tuple[Path, P
         raise ConfigError(f"run_dir={str(run_dir)!r} is not a directory")
     weights = run_dir / "model_final.pt"
     if not weights.is_file():
-        raise ConfigError(f"run_dir={str(run_dir)!r} has no model_final.pt (the run has not finished; evaluate a "
-                          f"checkpoint with checkpoint={run_dir / 'checkpoints' / 'last.pt'})")
+        raise ConfigError(
+            f"run_dir={str(run_dir)!r} has no model_final.pt (the run has not finished; evaluate a "
+            f"checkpoint with checkpoint={run_dir / 'checkpoints' / 'last.pt'})"
+        )
     return run_dir, weights
 
 
-def load_model(config: TrainConfig, weights: Path, num_classes: int, in_channels: int,
-               device: torch.device) -> tuple[nn.Module, str]:
+def load_model(
+    config: TrainConfig, weights: Path, num_classes: int, in_channels: int, device: torch.device
+) -> tuple[nn.Module, str]:
     """The plain sparse model from ``weights``; a training checkpoint is finalized as if training ended there."""
     seed_everything(config.seed)
     model = build_model(config.model, num_classes, in_channels).to(device)
@@ -85,7 +102,9 @@ def load_model(config: TrainConfig, weights: Path, num_classes: int, in_channels
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ConfigError(f"{weights} does not fit model.name={config.model.name}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"{weights} does not fit model.name={config.model.name}: {str(err).splitlines()[0]}"
+        ) from None
     return model, "final model"
 
 
@@ -94,33 +113,45 @@ def evaluate_run(config: TrainConfig, run_dir: Path, weights: Path) -> dict[str,
     process = current_process()
     device = resolve_device(config.trainer.device, process)
     amp = resolve_amp(config.trainer.amp, device, config.data.image_dtype())
-    loaders = build_loaders(config.data, rank=process.rank, world=process.world, seed=config.seed, device=device,
-                            train=False)
+    loaders = build_loaders(
+        config.data, rank=process.rank, world=process.world, seed=config.seed, device=device, train=False
+    )
     info = loaders.info
     model, what = load_model(config, weights, info.num_classes, info.input_shape[0], device)
     layout = memory_format(config.trainer.channels_last)
     model = model.to(memory_format=layout)
     metrics = evaluate(model, loaders.val, device, amp, layout)
     report = measure_sparsity(model, config.sparsity, info.input_shape)
-    result = {"weights": str(weights), "evaluated": what, "val_top1": metrics["top1"], "val_top5": metrics["top5"],
-              "val_loss": metrics["loss"], "images": metrics["images"], **sparsity_fields(report["totals"]),
-              "accounting": config.sparsity.accounting,
-              "layers": [{k: v for k, v in row.items() if k != "block"} for row in report["layers"]],
-              "data": dataclasses.asdict(config.data)}
+    result = {
+        "weights": str(weights),
+        "evaluated": what,
+        "val_top1": metrics["top1"],
+        "val_top5": metrics["top5"],
+        "val_loss": metrics["loss"],
+        "images": metrics["images"],
+        **sparsity_fields(report["totals"]),
+        "accounting": config.sparsity.accounting,
+        "layers": [{k: v for k, v in row.items() if k != "block"} for row in report["layers"]],
+        "data": dataclasses.asdict(config.data),
+    }
     if process.is_main:
         (run_dir / "eval.json").write_text(json.dumps(result, indent=2, default=list) + "\n")
     return result
 
 
 def format_eval(result: dict[str, Any]) -> str:
-    lines = [f"{result['weights']} ({result['evaluated']}), {result['images']} validation images",
-             f"val top-1 {100 * result['val_top1']:.2f}%   top-5 {100 * result['val_top5']:.2f}%",
-             f"sparsity {100 * result['sparsity_all']:.2f}% of all parameters, "
-             f"{100 * result['sparsity_masked']:.2f}% of masked weights",
-             f"FLOPs    {result['flops_dense']:,.0f} → {result['flops_sparse']:,.0f} multiply-adds per image in masked "
-             f"layers ({result['flops_reduction']:.1f}× fewer)", "",
-             f"{'layer':<40} {'shape':<22} {'density':>8} {'kept':>12}"]
+    lines = [
+        f"{result['weights']} ({result['evaluated']}), {result['images']} validation images",
+        f"val top-1 {100 * result['val_top1']:.2f}%   top-5 {100 * result['val_top5']:.2f}%",
+        f"sparsity {100 * result['sparsity_all']:.2f}% of all parameters, "
+        f"{100 * result['sparsity_masked']:.2f}% of masked weights",
+        f"FLOPs    {result['flops_dense']:,.0f} → {result['flops_sparse']:,.0f} multiply-adds per image in masked "
+        f"layers ({result['flops_reduction']:.1f}× fewer)",
+        "",
+        f"{'layer':<40} {'shape':<22} {'density':>8} {'kept':>12}",
+    ]
     for row in result["layers"]:
-        lines.append(f"{row['name']:<40} {str(tuple(row['shape'])):<22} {row['density']:>8.4f} "
-                     f"{row['params_kept']:>12,}")
+        lines.append(
+            f"{row['name']:<40} {str(tuple(row['shape'])):<22} {row['density']:>8.4f} {row['params_kept']:>12,}"
+        )
     return "\n".join(lines)

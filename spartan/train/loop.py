@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from spartan.train.checkpoint import LAST, Checkpoint, atomic_save
 from spartan.train.config import TrainConfig
-from spartan.train.errors import ConfigError
 from spartan.train.data import Loaders, build_loaders
 from spartan.train.data.transforms import batch_mixer
 from spartan.train.device import autocast, memory_format, resolve_amp, resolve_device
 from spartan.train.distributed import all_reduce_sum, broadcast_flag, current_process, sync_buffers
+from spartan.train.errors import ConfigError
 from spartan.train.evaluation import evaluate, sparsity_fields
 from spartan.train.models import build_model, build_sparsifier
 from spartan.train.optim import build_lr_schedule, build_optimizer, peak_lr
@@ -51,8 +51,14 @@ class Progress:
 class Run:
     """One training run: :meth:`start` it, :meth:`fit` trains, :meth:`finish` finalizes and reports."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None,
-                 run_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        *,
+        files: dict[str, str] | None = None,
+        run_config: dict[str, Any] | None = None,
+    ):
         self.start_time = time.perf_counter()
         self.config, self.run_dir, self.files = config, Path(run_dir), files or {}
         self.run_config = run_config if run_config is not None else dataclasses.asdict(config)
@@ -72,8 +78,9 @@ class Run:
         if trainer.threads:
             torch.set_num_threads(trainer.threads)
         seed_everything(config.seed)  # the model's initial weights: the same on every process
-        self.loaders: Loaders = build_loaders(config.data, rank=self.process.rank, world=self.process.world,
-                                              seed=config.seed, device=self.device)
+        self.loaders: Loaders = build_loaders(
+            config.data, rank=self.process.rank, world=self.process.world, seed=config.seed, device=self.device
+        )
         info = self.loaders.info
         self.mix = batch_mixer(config.data, info.num_classes)  # Mixup/CutMix: the same for every backend
         self.memory_format = memory_format(trainer.channels_last)
@@ -81,8 +88,9 @@ class Run:
         self.model = model.to(memory_format=self.memory_format)
         self.steps_per_epoch = len(self.loaders.train) // trainer.accumulate
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"trainer.accumulate={trainer.accumulate} exceeds the {len(self.loaders.train)} batches "
-                              f"of an epoch")
+            raise ConfigError(
+                f"trainer.accumulate={trainer.accumulate} exceeds the {len(self.loaders.train)} batches of an epoch"
+            )
         self.total_steps = self.steps_per_epoch * config.schedule.epochs
         self.global_batch = config.data.batch_size * self.process.world * trainer.accumulate
         self.optimizer = build_optimizer(self.model, config.optim, peak_lr(config.optim, self.global_batch))
@@ -99,11 +107,16 @@ class Run:
 
     def _restore(self, path: Path) -> None:
         checkpoint = Checkpoint.load(path)
-        checkpoint.check_resume(dataclasses.asdict(self.config), self.amp_dtype, self.config.trainer.amp,
-                                self.steps_per_epoch)
-        progress, self.val_metrics = checkpoint.restore(model=self.model, sparsifier=self.sparsifier,
-                                                        optimizer=self.optimizer, lr_schedule=self.lr_schedule,
-                                                        scaler=self.scaler)
+        checkpoint.check_resume(
+            dataclasses.asdict(self.config), self.amp_dtype, self.config.trainer.amp, self.steps_per_epoch
+        )
+        progress, self.val_metrics = checkpoint.restore(
+            model=self.model,
+            sparsifier=self.sparsifier,
+            optimizer=self.optimizer,
+            lr_schedule=self.lr_schedule,
+            scaler=self.scaler,
+        )
         self.progress = Progress(**progress)
 
     # ------------------------------------------------------------------------------------------ start
@@ -117,9 +130,15 @@ class Run:
             for name, text in self.files.items():
                 (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / name).write_text(text)
-        self.metrics = MetricLogger(self.run_dir, self.config.logger, self.wandb_mode, run_name=self.config.name,
-                                    run_config=self.run_config, enabled=self.is_main,
-                                    resumed=self.config.resume == "auto")
+        self.metrics = MetricLogger(
+            self.run_dir,
+            self.config.logger,
+            self.wandb_mode,
+            run_name=self.config.name,
+            run_config=self.run_config,
+            enabled=self.is_main,
+            resumed=self.config.resume == "auto",
+        )
         # Compile, then DDP: mask updates (sparsifier.step()) stay outside the compiled region.
         self.compiled = torch.compile(self.model) if self.config.trainer.compile else self.model
         self.runner = self.compiled
@@ -147,8 +166,10 @@ class Run:
                 self.save_checkpoint()
             if stop and not last:
                 if self.is_main:
-                    log.info(f"stopped after epoch {epoch + 1} (trainer.stop_after_epochs={trainer.stop_after_epochs}); "
-                             f"continue with: python train.py <same overrides> hydra.run.dir={self.run_dir} resume=auto")
+                    log.info(
+                        f"stopped after epoch {epoch + 1} (trainer.stop_after_epochs={trainer.stop_after_epochs}); "
+                        f"continue with: python train.py <same overrides> hydra.run.dir={self.run_dir} resume=auto"
+                    )
                 return False
         return True
 
@@ -157,10 +178,20 @@ class Run:
         seed_everything(derive_seed(self.config.seed, "process", self.process.rank, epoch))
         self.loaders.set_epoch(epoch)
         self.runner.train()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.schedule.epochs}",
-                   disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True, leave=False)
-        window = {"loss": torch.zeros((), device=self.device), "correct": torch.zeros((), device=self.device),
-                  "samples": 0, "steps": 0, "start": time.perf_counter()}
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{self.config.schedule.epochs}",
+            disable=not (self.is_main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+            leave=False,
+        )
+        window = {
+            "loss": torch.zeros((), device=self.device),
+            "correct": torch.zeros((), device=self.device),
+            "samples": 0,
+            "steps": 0,
+            "start": time.perf_counter(),
+        }
         epoch_start, epoch_images, skipped = time.perf_counter(), 0, 0
         distributed = isinstance(self.runner, nn.parallel.DistributedDataParallel)
         batches = iter(self.loaders.train)
@@ -168,16 +199,17 @@ class Run:
             for micro in range(trainer.accumulate):
                 batch = next(batches)
                 if batch is None:  # the skipping loaders' signal: not one image of the batch was readable
-                    raise RuntimeError(f"every image of a training batch of {self.config.data.batch_size} was "
-                                       f"unreadable (the warnings above name them): fix the data")
+                    raise RuntimeError(
+                        f"every image of a training batch of {self.config.data.batch_size} was "
+                        f"unreadable (the warnings above name them): fix the data"
+                    )
                 images, labels = batch
                 skipped += self.config.data.batch_size - len(labels)  # unreadable images the loader dropped
                 images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
                 labels = labels.to(self.device, non_blocking=True)
                 images, targets = self.mix(images, labels) if self.mix is not None else (images, labels)
                 sync = micro == trainer.accumulate - 1 or not distributed
-                with (contextlib.nullcontext() if sync else self.runner.no_sync(),
-                      autocast(self.device, self.amp_dtype)):
+                with contextlib.nullcontext() if sync else self.runner.no_sync(), autocast(self.device, self.amp_dtype):
                     logits = self.runner(images)
                     loss = self.criterion(logits, targets)
                 self.scaler.scale(loss / trainer.accumulate).backward()
@@ -200,11 +232,13 @@ class Run:
         if skipped:
             self.metrics.log({"kind": "data", "epoch": epoch + 1, "skipped_images": skipped}, step=self.progress.step)
         if self.is_main:
-            log.info(f"epoch {epoch + 1}/{self.config.schedule.epochs}: {seconds:.1f} s, "
-                     f"{epoch_images / seconds:,.0f} img/s, loss {self.last_train['loss']:.4f}, "
-                     f"train top-1 {100 * self.last_train['top1']:.2f}%, "
-                     f"sparsity {100 * self.last_train['sparsity_all']:.2f}% "
-                     f"(target now {100 * self.last_train['sparsity_target']:.2f}%)")
+            log.info(
+                f"epoch {epoch + 1}/{self.config.schedule.epochs}: {seconds:.1f} s, "
+                f"{epoch_images / seconds:,.0f} img/s, loss {self.last_train['loss']:.4f}, "
+                f"train top-1 {100 * self.last_train['top1']:.2f}%, "
+                f"sparsity {100 * self.last_train['sparsity_all']:.2f}% "
+                f"(target now {100 * self.last_train['sparsity_target']:.2f}%)"
+            )
 
     def optimizer_step(self) -> dict[str, Any]:
         """One optimizer step on the accumulated gradients, in the order the Sparsifier needs: its global gradient
@@ -224,19 +258,35 @@ class Run:
 
     def _log_train(self, epoch: int, window: dict, telemetry: dict, bar: tqdm) -> None:
         loss_sum, correct, samples = all_reduce_sum(
-            [float(window["loss"]), float(window["correct"]), window["samples"]], self.device)
+            [float(window["loss"]), float(window["correct"]), window["samples"]], self.device
+        )
         seconds = time.perf_counter() - window["start"]
-        record = {"kind": "train", "epoch": epoch + 1, "loss": loss_sum / samples, "top1": correct / samples,
-                  "lr": self.step_lr, "img_per_s": samples / seconds,
-                  "sparsity_target": 1 - telemetry["density_target"], **self.sparsifier.sparsity(),
-                  **{k: telemetry[k] for k in ("beta", "flip_rate", "solver_iterations", "lam") if k in telemetry},
-                  "frozen": telemetry["frozen"]}
+        record = {
+            "kind": "train",
+            "epoch": epoch + 1,
+            "loss": loss_sum / samples,
+            "top1": correct / samples,
+            "lr": self.step_lr,
+            "img_per_s": samples / seconds,
+            "sparsity_target": 1 - telemetry["density_target"],
+            **self.sparsifier.sparsity(),
+            **{k: telemetry[k] for k in ("beta", "flip_rate", "solver_iterations", "lam") if k in telemetry},
+            "frozen": telemetry["frozen"],
+        }
         self.last_train = record
         self.metrics.log(record, step=self.progress.step)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{100 * record['top1']:.1f}%",
-                        img_s=f"{record['img_per_s']:,.0f}", sparsity=f"{100 * record['sparsity_all']:.1f}%")
-        window.update(loss=torch.zeros((), device=self.device), correct=torch.zeros((), device=self.device),
-                      samples=0, start=time.perf_counter())
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}",
+            acc=f"{100 * record['top1']:.1f}%",
+            img_s=f"{record['img_per_s']:,.0f}",
+            sparsity=f"{100 * record['sparsity_all']:.1f}%",
+        )
+        window.update(
+            loss=torch.zeros((), device=self.device),
+            correct=torch.zeros((), device=self.device),
+            samples=0,
+            start=time.perf_counter(),
+        )
 
     # ------------------------------------------------------------------------------------------ validation
 
@@ -246,24 +296,45 @@ class Run:
         model = self.compiled if kind == "val" else self.model
         self.val_metrics = evaluate(model, self.loaders.val, self.device, self.amp_dtype, self.memory_format)
         report = self.sparsifier.report(self.loaders.info.input_shape)
-        self.metrics.log({"kind": kind, "epoch": epoch, **self.val_metrics,
-                          "sparsity_all": report["totals"]["sparsity_all"],
-                          "sparsity_masked": report["totals"]["sparsity_masked"]}, step=self.progress.step)
-        self.metrics.log_layers([{k: v for k, v in row.items() if k != "block"} for row in report["layers"]],
-                                step=self.progress.step, epoch=epoch)
+        self.metrics.log(
+            {
+                "kind": kind,
+                "epoch": epoch,
+                **self.val_metrics,
+                "sparsity_all": report["totals"]["sparsity_all"],
+                "sparsity_masked": report["totals"]["sparsity_masked"],
+            },
+            step=self.progress.step,
+        )
+        self.metrics.log_layers(
+            [{k: v for k, v in row.items() if k != "block"} for row in report["layers"]],
+            step=self.progress.step,
+            epoch=epoch,
+        )
         if self.is_main:
-            log.info(f"epoch {epoch} {kind}: top-1 {100 * self.val_metrics['top1']:.2f}%, top-5 "
-                     f"{100 * self.val_metrics['top5']:.2f}%, loss {self.val_metrics['loss']:.4f}")
+            log.info(
+                f"epoch {epoch} {kind}: top-1 {100 * self.val_metrics['top1']:.2f}%, top-5 "
+                f"{100 * self.val_metrics['top5']:.2f}%, loss {self.val_metrics['loss']:.4f}"
+            )
         return report
 
     def save_checkpoint(self) -> None:
         sync_buffers(self.model)
         if self.is_main:
             checkpoint = Checkpoint.capture(
-                model=self.model, optimizer=self.optimizer, lr_schedule=self.lr_schedule, scaler=self.scaler,
-                sparsifier=self.sparsifier, progress=dataclasses.asdict(self.progress), amp_dtype=self.amp_dtype,
-                train_config=dataclasses.asdict(self.config), run_config=self.run_config,
-                steps_per_epoch=self.steps_per_epoch, val=self.val_metrics, world=self.process.world)
+                model=self.model,
+                optimizer=self.optimizer,
+                lr_schedule=self.lr_schedule,
+                scaler=self.scaler,
+                sparsifier=self.sparsifier,
+                progress=dataclasses.asdict(self.progress),
+                amp_dtype=self.amp_dtype,
+                train_config=dataclasses.asdict(self.config),
+                run_config=self.run_config,
+                steps_per_epoch=self.steps_per_epoch,
+                val=self.val_metrics,
+                world=self.process.world,
+            )
             checkpoint.save(self.run_dir / LAST)
 
     # ------------------------------------------------------------------------------------------ the end
@@ -273,17 +344,25 @@ class Run:
         model = self.sparsifier.finalize()
         totals = self.validate(self.config.schedule.epochs, "final")["totals"]
         final = self.val_metrics
-        summary = {"val_top1": final["top1"], "val_top5": final["top5"], "val_loss": final["loss"],
-                   "sparsity_target": self.config.sparsity.target if self.config.sparsity.method != "dense" else 0.0,
-                   **sparsity_fields(totals), "accounting": self.config.sparsity.accounting,
-                   "epochs": self.config.schedule.epochs, "steps": self.progress.step,
-                   "train_seconds": self.progress.train_seconds,
-                   "wall_seconds": time.perf_counter() - self.start_time,
-                   "images_per_second": self.progress.images / max(self.progress.train_seconds, 1e-9),
-                   "processes": self.process.world, "seed": self.config.seed, "git": git_version(),
-                   "env": environment(self.process.world),
-                   "model_final": str(self.run_dir / "model_final.pt"),
-                   "metrics": str(self.run_dir / "metrics.jsonl")}
+        summary = {
+            "val_top1": final["top1"],
+            "val_top5": final["top5"],
+            "val_loss": final["loss"],
+            "sparsity_target": self.config.sparsity.target if self.config.sparsity.method != "dense" else 0.0,
+            **sparsity_fields(totals),
+            "accounting": self.config.sparsity.accounting,
+            "epochs": self.config.schedule.epochs,
+            "steps": self.progress.step,
+            "train_seconds": self.progress.train_seconds,
+            "wall_seconds": time.perf_counter() - self.start_time,
+            "images_per_second": self.progress.images / max(self.progress.train_seconds, 1e-9),
+            "processes": self.process.world,
+            "seed": self.config.seed,
+            "git": git_version(),
+            "env": environment(self.process.world),
+            "model_final": str(self.run_dir / "model_final.pt"),
+            "metrics": str(self.run_dir / "metrics.jsonl"),
+        }
         if self.is_main:
             atomic_save(model.state_dict(), self.run_dir / "model_final.pt")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -297,17 +376,28 @@ class Run:
 
 def format_summary(summary: dict[str, Any], run_dir: Path, wandb_note: str | None = None) -> str:
     """The table printed at the end of a run."""
-    rows = [("val top-1", f"{100 * summary['val_top1']:.2f}%   (top-5 {100 * summary['val_top5']:.2f}%)"),
-            ("sparsity", f"{100 * summary['sparsity_all']:.2f}% of all parameters, "
-                         f"{100 * summary['sparsity_masked']:.2f}% of masked weights "
-                         f"(target {100 * summary['sparsity_target']:.2f}%, counted over "
-                         f"{'all parameters' if summary['accounting'] == 'all' else 'masked weights'})"),
-            ("FLOPs", f"{_si(summary['flops_dense'])} → {_si(summary['flops_sparse'])} multiply-adds per image in "
-                      f"masked layers ({summary['flops_reduction']:.1f}× fewer)"),
-            ("time", f"{summary['wall_seconds']:.0f} s, {summary['images_per_second']:,.0f} training img/s, "
-                     f"{summary['steps']} steps on {summary['processes']} process(es)"),
-            ("model", summary["model_final"]),
-            ("logs", f"{summary['metrics']}, {run_dir / 'summary.json'}")]
+    rows = [
+        ("val top-1", f"{100 * summary['val_top1']:.2f}%   (top-5 {100 * summary['val_top5']:.2f}%)"),
+        (
+            "sparsity",
+            f"{100 * summary['sparsity_all']:.2f}% of all parameters, "
+            f"{100 * summary['sparsity_masked']:.2f}% of masked weights "
+            f"(target {100 * summary['sparsity_target']:.2f}%, counted over "
+            f"{'all parameters' if summary['accounting'] == 'all' else 'masked weights'})",
+        ),
+        (
+            "FLOPs",
+            f"{_si(summary['flops_dense'])} → {_si(summary['flops_sparse'])} multiply-adds per image in "
+            f"masked layers ({summary['flops_reduction']:.1f}× fewer)",
+        ),
+        (
+            "time",
+            f"{summary['wall_seconds']:.0f} s, {summary['images_per_second']:,.0f} training img/s, "
+            f"{summary['steps']} steps on {summary['processes']} process(es)",
+        ),
+        ("model", summary["model_final"]),
+        ("logs", f"{summary['metrics']}, {run_dir / 'summary.json'}"),
+    ]
     if wandb_note:
         rows.append(("W&B", wandb_note))
     width = max(len(k) for k, _ in rows)
@@ -321,8 +411,9 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
-def train(config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None,
-          run_config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def train(
+    config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None, run_config: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Train ``config`` into ``run_dir``; return the summary (also in ``summary.json``), None if stopped early."""
     run = Run(config, run_dir, files=files, run_config=run_config)
     failed = True

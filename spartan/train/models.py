@@ -13,10 +13,20 @@ from spartan.train.errors import ConfigError
 def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """A small CNN for 8×8 images: three 3×3 convs with BatchNorm (32/64/128 channels), one linear head."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(128, num_classes))
+        nn.Conv2d(in_channels, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1),
+        nn.BatchNorm2d(128),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, num_classes),
+    )
 
 
 BUILTIN = {"digits_cnn": digits_cnn}
@@ -27,22 +37,27 @@ def build_model(config: ModelConfig, num_classes: int, in_channels: int) -> nn.M
     try:
         return _build(config, num_classes, in_channels)
     except TypeError as err:  # e.g. a model.kwargs key the constructor does not take
-        raise ConfigError(f"model.kwargs={dict(config.kwargs)!r} rejected by {config.source} model "
-                          f"{config.name!r}: {err}") from None
+        raise ConfigError(
+            f"model.kwargs={dict(config.kwargs)!r} rejected by {config.source} model {config.name!r}: {err}"
+        ) from None
 
 
 def _build(config: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
     if config.source == "builtin":
         if config.name not in BUILTIN:
-            raise ConfigError(f"model.name must be one of the builtin models {tuple(BUILTIN)} with "
-                              f"model.source=builtin, got {config.name!r}")
+            raise ConfigError(
+                f"model.name must be one of the builtin models {tuple(BUILTIN)} with "
+                f"model.source=builtin, got {config.name!r}"
+            )
         return BUILTIN[config.name](num_classes=num_classes, in_channels=in_channels, **config.kwargs)
     if config.source == "torchvision":
         import torchvision
 
         if config.name not in torchvision.models.list_models(torchvision.models):
-            raise ConfigError(f"model.name {config.name!r} is not a torchvision classification model "
-                              f"(see torchvision.models.list_models())")
+            raise ConfigError(
+                f"model.name {config.name!r} is not a torchvision classification model "
+                f"(see torchvision.models.list_models())"
+            )
         if in_channels != 3:
             raise ConfigError(f"torchvision models take 3-channel images, data.channels is {in_channels}")
         return torchvision.models.get_model(config.name, num_classes=num_classes, **config.kwargs)
@@ -50,12 +65,14 @@ def _build(config: ModelConfig, num_classes: int, in_channels: int) -> nn.Module
 
     if not timm.is_model(config.name):
         raise ConfigError(f"model.name {config.name!r} is not a timm model (see timm.list_models())")
-    return timm.create_model(config.name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
-                             **config.kwargs)
+    return timm.create_model(
+        config.name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **config.kwargs
+    )
 
 
-def build_sparsifier(model: nn.Module, config: SparsityConfig, total_steps: int,
-                     optimizer: torch.optim.Optimizer | None = None) -> Sparsifier:
+def build_sparsifier(
+    model: nn.Module, config: SparsityConfig, total_steps: int, optimizer: torch.optim.Optimizer | None = None
+) -> Sparsifier:
     """The ``sparsity`` group's Sparsifier on ``model``; its errors (e.g. a block that does not divide a layer)
     name the group."""
     try:

@@ -26,8 +26,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig, lr: float) -> torch.o
         plain = name.replace(".parametrizations.", ".").replace(".original", "")
         exempt = param.ndim <= 1 or plain in skip or plain.split(".")[-1] in skip
         (no_decay if exempt and not config.decay_norms_and_biases else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov)
     return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps)
@@ -44,10 +43,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
     return min_ratio + (1 - min_ratio) * shape
 
 
-def build_lr_schedule(optimizer: torch.optim.Optimizer, config: ScheduleConfig,
-                      steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_schedule(
+    optimizer: torch.optim.Optimizer, config: ScheduleConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A schedule stepped once per optimizer step."""
     total = config.epochs * steps_per_epoch
     warmup = round(config.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, config.lr_schedule, config.min_lr_ratio))
+        optimizer, lambda step: lr_factor(step, total, warmup, config.lr_schedule, config.min_lr_ratio)
+    )

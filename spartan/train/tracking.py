@@ -29,8 +29,17 @@ WANDB_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 class MetricLogger:
     """``log(record)`` appends one JSON line (and logs to W&B); ``close()`` ends the W&B run."""
 
-    def __init__(self, run_dir: Path, config: LoggerConfig | None, wandb_mode: str | None, *, run_name: str,
-                 run_config: dict[str, Any], enabled: bool, resumed: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: LoggerConfig | None,
+        wandb_mode: str | None,
+        *,
+        run_name: str,
+        run_config: dict[str, Any],
+        enabled: bool,
+        resumed: bool,
+    ):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
@@ -44,8 +53,11 @@ class MetricLogger:
         self._append({**record, "step": step})
         if self.wandb_run is not None:
             kind = record.get("kind", "train")
-            values = {f"{kind}/{k}": v for k, v in record.items()
-                      if k != "kind" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            values = {
+                f"{kind}/{k}": v
+                for k, v in record.items()
+                if k != "kind" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             self.wandb_run.log({**values, "step": step})
 
     def log_layers(self, rows: list[dict[str, Any]], *, step: int, epoch: int) -> None:
@@ -104,8 +116,10 @@ def resolve_wandb_mode(config: LoggerConfig) -> str | None:
         return None
     mode = config.mode if config.mode != "auto" else os.environ.get("WANDB_MODE", "auto")
     if mode == "online" and not wandb_key_configured():
-        raise ConfigError("logger.mode=online (or WANDB_MODE=online) needs a W&B API key: run `wandb login` or set "
-                          "WANDB_API_KEY, or use logger.mode=auto / offline")
+        raise ConfigError(
+            "logger.mode=online (or WANDB_MODE=online) needs a W&B API key: run `wandb login` or set "
+            "WANDB_API_KEY, or use logger.mode=auto / offline"
+        )
     return mode
 
 
@@ -113,8 +127,9 @@ def _offline_note(reason: str, run_dir: Path) -> str:
     return f"offline ({reason}): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
 
 
-def _start_wandb(config: LoggerConfig, mode: str, run_dir: Path, run_name: str, run_config: dict[str, Any],
-                 resumed: bool):
+def _start_wandb(
+    config: LoggerConfig, mode: str, run_dir: Path, run_name: str, run_config: dict[str, Any], resumed: bool
+):
     import wandb
 
     note = None
@@ -125,8 +140,17 @@ def _start_wandb(config: LoggerConfig, mode: str, run_dir: Path, run_name: str, 
     id_file = run_dir / "wandb_id"  # a resumed run continues the same W&B run
     run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    kwargs = dict(project=config.project, entity=config.entity, group=config.group, tags=list(config.tags),
-                  name=run_name, dir=str(run_dir), config=run_config, id=run_id, resume="allow")
+    kwargs = dict(
+        project=config.project,
+        entity=config.entity,
+        group=config.group,
+        tags=list(config.tags),
+        name=run_name,
+        dir=str(run_dir),
+        config=run_config,
+        id=run_id,
+        resume="allow",
+    )
     try:
         run = wandb.init(mode=mode, settings=wandb.Settings(quiet=True, init_timeout=config.init_timeout), **kwargs)
     except Exception as err:  # an unreachable server must not stop training when offline logging is possible

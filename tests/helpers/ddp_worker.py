@@ -12,8 +12,14 @@ from spartan import Sparsifier, SparsityConfig
 
 def build() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+    )
 
 
 class Branchy(nn.Module):
@@ -34,8 +40,9 @@ class Branchy(nn.Module):
 def run_with_skipped_layer(rank: int, world: int, steps: int) -> dict:
     """Uniform allocation (a group per layer); rank 1 never uses ``extra``. Must neither hang nor diverge."""
     model = Branchy()
-    config = SparsityConfig(method="spartan", target=0.5, allocation="uniform", accounting="masked",
-                            warmup_frac=0.0, finetune_frac=0.0)
+    config = SparsityConfig(
+        method="spartan", target=0.5, allocation="uniform", accounting="masked", warmup_frac=0.0, finetune_frac=0.0
+    )
     sparsifier = Sparsifier(model, config, total_steps=steps + 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -57,8 +64,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def run(rank: int, world: int, steps: int) -> dict:
     """Train ``steps`` steps on rank ``rank``'s share of each global batch of 8; record grads and masks."""
     model = build()
-    config = SparsityConfig(method="spartan", target=0.8, warmup_frac=0.0, finetune_frac=0.0, beta_init=50,
-                            beta_final=50)
+    config = SparsityConfig(
+        method="spartan", target=0.8, warmup_frac=0.0, finetune_frac=0.0, beta_init=50, beta_final=50
+    )
     sparsifier = Sparsifier(model, config, total_steps=steps + 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -66,7 +74,7 @@ def run(rank: int, world: int, steps: int) -> dict:
     share = 8 // world
     for step in range(steps):
         x, y = batch(step)
-        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
         nn.functional.cross_entropy(trained(x), y).backward()
         sparsifier.finish_backward()
         record["grads"].append([t.weight.grad.clone() for t in sparsifier.tensors])

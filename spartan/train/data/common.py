@@ -8,8 +8,9 @@ does not belong to the selected ``data=`` option fails when Hydra composes the c
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -47,8 +48,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         backend = next(f.default for f in fields(self) if f.name == "name")
         if self.name != backend:
-            raise ConfigError(f"data.name is {backend!r} for this data option, got {self.name!r} (choose the "
-                              f"backend with data={self.name})")
+            raise ConfigError(
+                f"data.name is {backend!r} for this data option, got {self.name!r} (choose the "
+                f"backend with data={self.name})"
+            )
         positive_int("data.batch_size", self.batch_size)
         if self.val_batch_size is not None:
             positive_int("data.val_batch_size", self.val_batch_size)
@@ -128,8 +131,10 @@ class PackedFiles:
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.path and not (self.train_path and self.val_path):
-            raise ConfigError(f"data.path must name a dataset folder for data={self.name}, got {self.path!r} (or "
-                              f"set data.train_path and data.val_path)")
+            raise ConfigError(
+                f"data.path must name a dataset folder for data={self.name}, got {self.path!r} (or "
+                f"set data.train_path and data.val_path)"
+            )
         positive_int("data.num_classes", self.num_classes)
 
 
@@ -156,38 +161,70 @@ class Loaders:
 def check_batch_fits(config: DataConfig, world: int, train_size: int, source: str) -> None:
     """One global batch must fit in the training set (drop_last would leave an epoch without a step)."""
     if train_size < config.batch_size * world:
-        raise ConfigError(f"data.batch_size={config.batch_size} × {world} process(es) exceeds the {train_size} "
-                          f"training images of {source}")
+        raise ConfigError(
+            f"data.batch_size={config.batch_size} × {world} process(es) exceeds the {train_size} "
+            f"training images of {source}"
+        )
 
 
 def worker_options(config: DataConfig, device: torch.device) -> dict[str, Any]:
     """DataLoader keyword arguments from ``data.num_workers`` and the :class:`DataLoaderOptions`."""
-    return {"num_workers": config.num_workers, "pin_memory": config.pin_memory and device.type == "cuda",
-            "persistent_workers": config.persistent_workers and config.num_workers > 0}
+    return {
+        "num_workers": config.num_workers,
+        "pin_memory": config.pin_memory and device.type == "cuda",
+        "persistent_workers": config.persistent_workers and config.num_workers > 0,
+    }
 
 
-def map_style_loaders(config: DataConfig, train_set: Dataset | None, val_set: Dataset, num_classes: int, *,
-                      rank: int, world: int, seed: int, device: torch.device, collate: Callable | None = None,
-                      repeats: int = 1) -> Loaders:
+def map_style_loaders(
+    config: DataConfig,
+    train_set: Dataset | None,
+    val_set: Dataset,
+    num_classes: int,
+    *,
+    rank: int,
+    world: int,
+    seed: int,
+    device: torch.device,
+    collate: Callable | None = None,
+    repeats: int = 1,
+) -> Loaders:
     """DataLoaders over map-style datasets: a training shard per process reshuffled by ``(seed, epoch)``
     (``repeats`` > 1: repeated augmentation), worker seeds from ``(seed, rank, epoch)`` (a resumed run replays
     both), validation without padding (every image once over all processes)."""
     workers = worker_options(config, device)
-    info = DataInfo(num_classes, (config.channels, config.image_size, config.image_size),
-                    len(train_set) if train_set is not None else 0, len(val_set))
-    val_loader = DataLoader(val_set, batch_size=config.val_batch_size or config.batch_size,
-                            sampler=ShardSampler(len(val_set), rank, world), collate_fn=collate, **workers)
+    info = DataInfo(
+        num_classes,
+        (config.channels, config.image_size, config.image_size),
+        len(train_set) if train_set is not None else 0,
+        len(val_set),
+    )
+    val_loader = DataLoader(
+        val_set,
+        batch_size=config.val_batch_size or config.batch_size,
+        sampler=ShardSampler(len(val_set), rank, world),
+        collate_fn=collate,
+        **workers,
+    )
     if train_set is None:
         return Loaders(None, val_loader, info)
     check_batch_fits(config, world, len(train_set), f"data={config.name}")
     if repeats > 1:
         sampler = RepeatedAugmentSampler(len(train_set), rank, world, repeats, seed)
     else:
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=derive_seed(seed, "order"), drop_last=True)
+        sampler = DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=derive_seed(seed, "order"), drop_last=True
+        )
     generator = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                              generator=generator, collate_fn=collate, **workers)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=generator,
+        collate_fn=collate,
+        **workers,
+    )
 
     def on_epoch(epoch: int) -> None:
         sampler.set_epoch(epoch)
@@ -205,8 +242,10 @@ class Backend:
     schema: type[DataConfig]
     loaders: str
 
-    def build(self, config: DataConfig, *, rank: int, world: int, seed: int, device: torch.device,
-              train: bool) -> Loaders:
+    def build(
+        self, config: DataConfig, *, rank: int, world: int, seed: int, device: torch.device, train: bool
+    ) -> Loaders:
         module, function = self.loaders.split(":")
-        return getattr(importlib.import_module(module), function)(config, rank=rank, world=world, seed=seed,
-                                                                  device=device, train=train)
+        return getattr(importlib.import_module(module), function)(
+            config, rank=rank, world=world, seed=seed, device=device, train=train
+        )

@@ -15,8 +15,8 @@ The crop and flip draws come from numba's per-thread generators (not reproducibl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import numba
 import numpy as np
@@ -29,8 +29,9 @@ from ffcv.pipeline.state import State
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop: tries before falling back to the whole image
 
 
-def random_resized_crop(height: int, width: int, scale_low: float, scale_high: float, log_ratio_low: float,
-                        log_ratio_high: float) -> tuple[int, int, int, int]:
+def random_resized_crop(
+    height: int, width: int, scale_low: float, scale_high: float, log_ratio_low: float, log_ratio_high: float
+) -> tuple[int, int, int, int]:
     """``(top, left, crop_height, crop_width)`` of a random crop whose area is a fraction of the image drawn
     uniformly from ``[scale_low, scale_high]`` and whose aspect ratio (width / height) is log-uniform in
     ``[exp(log_ratio_low), exp(log_ratio_high)]``, at a uniform position. After ``CROP_ATTEMPTS`` draws that do
@@ -78,8 +79,15 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     ``flip_prob``. Output: uint8 N×H×W×3. ``output_size`` may be changed between epochs (progressive resizing):
     FFCV allocates the buffers of every epoch anew and the code reads the size from them."""
 
-    def __init__(self, output_size: tuple[int, int], crop: str = "random", scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), center_ratio: float = 0.875, flip_prob: float = 0.0):
+    def __init__(
+        self,
+        output_size: tuple[int, int],
+        crop: str = "random",
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        center_ratio: float = 0.875,
+        flip_prob: float = 0.0,
+    ):
         super().__init__()
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
@@ -95,8 +103,10 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max()) * np.uint64(3)
         uint8 = np.dtype("<u1")
         # FFCV allocates every query once per image of a batch; the scratch rows are used one per thread
-        return (replace(previous_state, jit_mode=True, shape=(height, width, 3), dtype=uint8),
-                (AllocationQuery((height, width, 3), uint8), AllocationQuery((largest,), uint8)))
+        return (
+            replace(previous_state, jit_mode=True, shape=(height, width, 3), dtype=uint8),
+            (AllocationQuery((height, width, 3), uint8), AllocationQuery((largest,), uint8)),
+        )
 
     def generate_code(self) -> Callable:
         read = self.memory_read
@@ -124,14 +134,15 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 if field["mode"] == jpeg:
                     # both int64: numba would unify the thread id and the loop index to float64
                     row = np.int64(numba.get_thread_id()) if row_per_thread else np.int64(i)
-                    pixels = scratch[row][:height * width * 3]
+                    pixels = scratch[row][: height * width * 3]
                     decode_jpeg(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
                     image = pixels.reshape(height, width, 3)
                 else:
                     image = data.reshape(height, width, 3)
                 if is_random:
-                    top, left, crop_height, crop_width = random_crop(height, width, scale_low, scale_high,
-                                                                     log_ratio_low, log_ratio_high)
+                    top, left, crop_height, crop_width = random_crop(
+                        height, width, scale_low, scale_high, log_ratio_low, log_ratio_high
+                    )
                 else:
                     top, left, crop_height, crop_width = centred_crop(height, width, center_ratio)
                 resize(image, top, top + crop_height, left, left + crop_width, destination[i])

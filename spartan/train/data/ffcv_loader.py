@@ -56,22 +56,21 @@ def beton_files(config: FFCVConfig, train: bool = True) -> tuple[str | None, str
         explicit = getattr(config, f"{split}_path")
         if explicit:
             if not Path(explicit).is_file():
-                raise ConfigError(f"data.{split}_path {explicit!r} is not a file (write it with "
-                                  f"scripts/write_ffcv.py)")
+                raise ConfigError(f"data.{split}_path {explicit!r} is not a file (write it with scripts/write_ffcv.py)")
             files.append(str(explicit))
         else:
             if not config.path:
                 raise ConfigError(f"data=ffcv needs data.path (a folder holding {split}.beton) or data.{split}_path")
             file = Path(config.path) / f"{split}.beton"
             if not file.is_file():
-                raise ConfigError(f"data.path {config.path!r} has no {split}.beton (write it with "
-                                  f"scripts/write_ffcv.py)")
+                raise ConfigError(
+                    f"data.path {config.path!r} has no {split}.beton (write it with scripts/write_ffcv.py)"
+                )
             files.append(str(file))
     return files[0], files[1]
 
 
-def ffcv_loaders(config: FFCVConfig, *, rank: int, world: int, seed: int, device: torch.device,
-                 train: bool) -> Loaders:
+def ffcv_loaders(config: FFCVConfig, *, rank: int, world: int, seed: int, device: torch.device, train: bool) -> Loaders:
     """The FFCV training (``train=True``) and validation loaders of process ``rank`` of ``world``."""
     train_file, val_file = beton_files(config, train)
     val_reader = Reader(val_file)
@@ -81,9 +80,17 @@ def ffcv_loaders(config: FFCVConfig, *, rank: int, world: int, seed: int, device
     val_indices = np.arange(rank, val_size, world)
     val_batch = config.val_batch_size or config.batch_size
     if len(val_indices):
-        val_loader: Any = Loader(val_file, batch_size=val_batch, num_workers=workers, os_cache=config.os_cache,
-                                 order=OrderOption.SEQUENTIAL, indices=val_indices, drop_last=False, seed=seed,
-                                 pipelines=_pipelines(config, device, train=False, resolution=config.image_size))
+        val_loader: Any = Loader(
+            val_file,
+            batch_size=val_batch,
+            num_workers=workers,
+            os_cache=config.os_cache,
+            order=OrderOption.SEQUENTIAL,
+            indices=val_indices,
+            drop_last=False,
+            seed=seed,
+            pipelines=_pipelines(config, device, train=False, resolution=config.image_size),
+        )
     else:  # more processes than validation images
         val_loader = []
 
@@ -100,11 +107,17 @@ def ffcv_loaders(config: FFCVConfig, *, rank: int, world: int, seed: int, device
         distributed = world > 1
         if distributed:
             _check_process_group(rank, world)
-        train_loader = Loader(train_file, batch_size=config.batch_size, num_workers=workers,
-                              os_cache=config.os_cache, distributed=distributed, seed=derive_seed(seed, "order"),
-                              drop_last=True,
-                              order=OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM,
-                              pipelines=pipelines)
+        train_loader = Loader(
+            train_file,
+            batch_size=config.batch_size,
+            num_workers=workers,
+            os_cache=config.os_cache,
+            distributed=distributed,
+            seed=derive_seed(seed, "order"),
+            drop_last=True,
+            order=OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM,
+            pipelines=pipelines,
+        )
         on_epoch = _epoch_setter(config, train_loader, decoder)
 
     info = DataInfo(config.num_classes, (3, config.image_size, config.image_size), train_size, val_size)
@@ -116,22 +129,30 @@ def _check_process_group(rank: int, world: int) -> None:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"data=ffcv training with {world} processes needs an initialised torch.distributed "
-                           f"process group (FFCV splits the order by it)")
+        raise RuntimeError(
+            f"data=ffcv training with {world} processes needs an initialised torch.distributed "
+            f"process group (FFCV splits the order by it)"
+        )
     if (dist.get_rank(), dist.get_world_size()) != (rank, world):
-        raise RuntimeError(f"data=ffcv: rank/world {rank}/{world} differ from torch.distributed's "
-                           f"{dist.get_rank()}/{dist.get_world_size()}")
+        raise RuntimeError(
+            f"data=ffcv: rank/world {rank}/{world} differ from torch.distributed's "
+            f"{dist.get_rank()}/{dist.get_world_size()}"
+        )
 
 
 def _check_fields(reader: Any, split: str, config: FFCVConfig) -> None:
     names = list(reader.field_names)
     if names[:2] != ["image", "label"]:
-        raise ConfigError(f"data=ffcv: the {split} file {reader.file_name} has fields {names}, expected image and "
-                          f"label (write it with scripts/write_ffcv.py)")
+        raise ConfigError(
+            f"data=ffcv: the {split} file {reader.file_name} has fields {names}, expected image and "
+            f"label (write it with scripts/write_ffcv.py)"
+        )
     labels = reader.metadata["f1"]
     if len(labels) and (labels.min() < 0 or labels.max() >= config.num_classes):
-        raise ConfigError(f"data.num_classes={config.num_classes} but the {split} file {reader.file_name} has "
-                          f"labels {int(labels.min())}..{int(labels.max())}")
+        raise ConfigError(
+            f"data.num_classes={config.num_classes} but the {split} file {reader.file_name} has "
+            f"labels {int(labels.min())}..{int(labels.max())}"
+        )
 
 
 def _threads(config: FFCVConfig) -> int:
@@ -141,12 +162,18 @@ def _threads(config: FFCVConfig) -> int:
 
 def _pipelines(config: FFCVConfig, device: torch.device, *, train: bool, resolution: int) -> dict[str, list]:
     if train:
-        decoder = CropResizeDecoder((resolution, resolution), crop="random", scale=(config.min_scale, 1.0),
-                                    flip_prob=0.5 if config.hflip else 0.0)
+        decoder = CropResizeDecoder(
+            (resolution, resolution),
+            crop="random",
+            scale=(config.min_scale, 1.0),
+            flip_prob=0.5 if config.hflip else 0.0,
+        )
     else:
         decoder = CropResizeDecoder((resolution, resolution), crop="center", center_ratio=config.val_crop_ratio)
-    return {"image": [decoder, *_to_normalized_tensor(config.dtype, device)],
-            "label": [IntDecoder(), ToTensor(), Squeeze(1), *_to_device(device)]}
+    return {
+        "image": [decoder, *_to_normalized_tensor(config.dtype, device)],
+        "label": [IntDecoder(), ToTensor(), Squeeze(1), *_to_device(device)],
+    }
 
 
 def _to_device(device: torch.device) -> list:
@@ -164,11 +191,17 @@ def _to_normalized_tensor(dtype: str, device: torch.device) -> list:
     """
     mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    mode = NORMALIZE_MODE or ("numpy" if device.type == "cpu" else "cupy" if dtype != "bfloat16" and _has_cupy()
-                              else "torch")
+    mode = NORMALIZE_MODE or (
+        "numpy" if device.type == "cpu" else "cupy" if dtype != "bfloat16" and _has_cupy() else "torch"
+    )
     if mode == "numpy":
-        return [NormalizeImage(mean, std, np_dtype), ToTensor(), *_to_device(device),
-                ToTorchImage(channels_last=True), *([Convert(torch.bfloat16)] if dtype == "bfloat16" else [])]
+        return [
+            NormalizeImage(mean, std, np_dtype),
+            ToTensor(),
+            *_to_device(device),
+            ToTorchImage(channels_last=True),
+            *([Convert(torch.bfloat16)] if dtype == "bfloat16" else []),
+        ]
     head = [ToTensor(), *_to_device(device), ToTorchImage(channels_last=True)]
     if mode == "cupy":
         return [*head, NormalizeImage(mean, std, np_dtype)]
@@ -220,7 +253,7 @@ class TorchNormalize(Operation):
         mean, std = self.mean.to(self.device), self.std.to(self.device)
 
         def normalize(images, dst):
-            out = dst[:images.shape[0]].permute(0, 3, 1, 2)  # N×H×W×C storage: a channels-last view
+            out = dst[: images.shape[0]].permute(0, 3, 1, 2)  # N×H×W×C storage: a channels-last view
             out.copy_((images.float() - mean) / std)
             return out
 
@@ -229,5 +262,7 @@ class TorchNormalize(Operation):
     def declare_state_and_memory(self, previous_state):
         channels, height, width = previous_state.shape
         self.device = previous_state.device
-        return (replace(previous_state, jit_mode=False, dtype=self.dtype),
-                AllocationQuery((height, width, channels), self.dtype, self.device))
+        return (
+            replace(previous_state, jit_mode=False, dtype=self.dtype),
+            AllocationQuery((height, width, channels), self.dtype, self.device),
+        )

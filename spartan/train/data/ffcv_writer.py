@@ -45,8 +45,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from spartan.train.data.folders import labelled_images
 from spartan.train.errors import ConfigError
@@ -128,7 +129,7 @@ def check_images(paths: Sequence[str], workers: int, deadline: float, progress: 
             bar.update()
     else:
         size = max(1, min(64, len(paths) // (workers * 4)))
-        chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+        chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
         # A worker that dies (a decoder crash, the OOM killer) breaks the executor at once instead of leaving
         # its chunk pending until the deadline.
         with ProcessPoolExecutor(workers) as pool:
@@ -139,8 +140,10 @@ def check_images(paths: Sequence[str], workers: int, deadline: float, progress: 
                         problems = future.result()
                     except BrokenProcessPool:
                         chunk = futures[future]
-                        raise WriteFailed(f"a worker died while decoding one of {chunk[0]} ... {chunk[-1]} "
-                                          f"({len(chunk)} files): check them with PIL") from None
+                        raise WriteFailed(
+                            f"a worker died while decoding one of {chunk[0]} ... {chunk[-1]} "
+                            f"({len(chunk)} files): check them with PIL"
+                        ) from None
                     bad += [problem for problem in problems if problem]
                     bar.update(len(problems))
             except FuturesTimeout:
@@ -153,15 +156,27 @@ def check_images(paths: Sequence[str], workers: int, deadline: float, progress: 
         raise ConversionError(f"{len(bad)} unreadable image(s), fix or remove them and convert again: {shown}")
 
 
-def _check_options(max_resolution: int, write_mode: str, compress_probability: float, jpeg_quality: int,
-                   smart_threshold: int | None, workers: int, chunk_size: int, page_size: int,
-                   timeout: float) -> None:
+def _check_options(
+    max_resolution: int,
+    write_mode: str,
+    compress_probability: float,
+    jpeg_quality: int,
+    smart_threshold: int | None,
+    workers: int,
+    chunk_size: int,
+    page_size: int,
+    timeout: float,
+) -> None:
     def positive_int(name: str, value: Any) -> None:
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise ConversionError(f"{name} must be an integer > 0, got {value!r}")
 
-    for name, value in (("--max-resolution", max_resolution), ("--workers", workers),
-                        ("--chunk-size", chunk_size), ("--page-size", page_size)):
+    for name, value in (
+        ("--max-resolution", max_resolution),
+        ("--workers", workers),
+        ("--chunk-size", chunk_size),
+        ("--page-size", page_size),
+    ):
         positive_int(name, value)
     if smart_threshold is not None:
         positive_int("--smart-threshold", smart_threshold)
@@ -174,21 +189,36 @@ def _check_options(max_resolution: int, write_mode: str, compress_probability: f
     if not (isinstance(jpeg_quality, int) and 1 <= jpeg_quality <= 100):
         raise ConversionError(f"--jpeg-quality must be an integer in [1, 100], got {jpeg_quality!r}")
     if page_size & (page_size - 1) or not MIN_PAGE_SIZE <= page_size < MAX_PAGE_SIZE:
-        raise ConversionError(f"--page-size must be a power of two >= 2 MiB ({MIN_PAGE_SIZE}) and < 4 GiB, "
-                              f"got {page_size}")
+        raise ConversionError(
+            f"--page-size must be a power of two >= 2 MiB ({MIN_PAGE_SIZE}) and < 4 GiB, got {page_size}"
+        )
     largest_raw = max_resolution * max_resolution * 3
     if write_mode != "jpg" and page_size < largest_raw:
-        raise ConversionError(f"--page-size {page_size} cannot hold a raw {max_resolution}x{max_resolution} image "
-                              f"({largest_raw} bytes; --write-mode {write_mode} may store images raw): use at "
-                              f"least {default_page_size(max_resolution)} or omit --page-size")
+        raise ConversionError(
+            f"--page-size {page_size} cannot hold a raw {max_resolution}x{max_resolution} image "
+            f"({largest_raw} bytes; --write-mode {write_mode} may store images raw): use at "
+            f"least {default_page_size(max_resolution)} or omit --page-size"
+        )
     if not (isinstance(timeout, (int, float)) and timeout > 0):
         raise ConversionError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
 
 
-def write_split(data_dir: str | os.PathLike, split: str, out: str | os.PathLike, *, max_resolution: int = 512,
-                write_mode: str = "proportion", compress_probability: float = 0.5, jpeg_quality: int = 90,
-                smart_threshold: int | None = None, workers: int | None = None, chunk_size: int = 100,
-                page_size: int | None = None, timeout: float = DEFAULT_TIMEOUT, progress: bool = True) -> int:
+def write_split(
+    data_dir: str | os.PathLike,
+    split: str,
+    out: str | os.PathLike,
+    *,
+    max_resolution: int = 512,
+    write_mode: str = "proportion",
+    compress_probability: float = 0.5,
+    jpeg_quality: int = 90,
+    smart_threshold: int | None = None,
+    workers: int | None = None,
+    chunk_size: int = 100,
+    page_size: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    progress: bool = True,
+) -> int:
     """Write ``data_dir/split`` to the FFCV file ``out`` (see the module docstring); returns the image count.
 
     Raises :class:`ConversionError` (bad input, nothing written) or :class:`WriteFailed` (the writer failed or
@@ -199,8 +229,17 @@ def write_split(data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
     if page_size is None:
         valid = isinstance(max_resolution, int) and 0 < max_resolution <= 65535
         page_size = default_page_size(max_resolution) if valid else MIN_PAGE_SIZE
-    _check_options(max_resolution, write_mode, compress_probability, jpeg_quality, smart_threshold, workers,
-                   chunk_size, page_size, timeout)
+    _check_options(
+        max_resolution,
+        write_mode,
+        compress_probability,
+        jpeg_quality,
+        smart_threshold,
+        workers,
+        chunk_size,
+        page_size,
+        timeout,
+    )
     out = Path(out)
     if out.is_dir():
         raise ConversionError(f"--out {str(out)!r} is a directory; name the .beton file to write")
@@ -209,10 +248,19 @@ def write_split(data_dir: str | os.PathLike, split: str, out: str | os.PathLike,
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    spec = {"out": str(tmp), "samples": samples, "max_resolution": max_resolution, "write_mode": write_mode,
-            "compress_probability": compress_probability, "jpeg_quality": jpeg_quality,
-            "smart_threshold": smart_threshold, "workers": workers, "chunk_size": chunk_size,
-            "page_size": page_size, "parent": os.getpid()}
+    spec = {
+        "out": str(tmp),
+        "samples": samples,
+        "max_resolution": max_resolution,
+        "write_mode": write_mode,
+        "compress_probability": compress_probability,
+        "jpeg_quality": jpeg_quality,
+        "smart_threshold": smart_threshold,
+        "workers": workers,
+        "chunk_size": chunk_size,
+        "page_size": page_size,
+        "parent": os.getpid(),
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="write_ffcv_") as scratch:
             spec["error_file"] = os.path.join(scratch, "error.txt")
@@ -232,8 +280,12 @@ def _run_writer(spec_file: str, error_file: str, deadline: float, timeout: float
     if not progress:
         env["TQDM_DISABLE"] = "1"
     # __spec__.name: this module's import name, also when it runs as ``python -m``
-    proc = subprocess.Popen([sys.executable, "-m", __spec__.name, "--_child", spec_file],
-                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", __spec__.name, "--_child", spec_file],
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     try:
         rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
@@ -293,6 +345,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # The child process: runs FFCV's DatasetWriter.
+
 
 class _Samples:
     """``(uint8 H×W×3 image, label)`` per file; remembers the file being read (named if a worker fails)."""
@@ -371,14 +424,21 @@ def _write(spec: dict) -> int:
     from ffcv.writer import DatasetWriter
 
     samples = _Samples([(path, label) for path, label in spec["samples"]])
-    fields = {"image": RGBImageField(write_mode=spec["write_mode"], max_resolution=spec["max_resolution"],
-                                     smart_threshold=spec["smart_threshold"], jpeg_quality=spec["jpeg_quality"],
-                                     compress_probability=spec["compress_probability"]),
-              "label": IntField()}
+    fields = {
+        "image": RGBImageField(
+            write_mode=spec["write_mode"],
+            max_resolution=spec["max_resolution"],
+            smart_threshold=spec["smart_threshold"],
+            jpeg_quality=spec["jpeg_quality"],
+            compress_probability=spec["compress_probability"],
+        ),
+        "label": IntField(),
+    }
     writer = DatasetWriter(spec["out"], fields, page_size=spec["page_size"], num_workers=spec["workers"])
     if hasattr(writer, "_write_common"):  # FFCV 1.0: from_indexed_dataset, with the guarded worker
-        writer._write_common(len(samples), chunks(list(enumerate(range(len(samples)))), spec["chunk_size"]),
-                             _guarded_worker, (samples,))
+        writer._write_common(
+            len(samples), chunks(list(enumerate(range(len(samples)))), spec["chunk_size"]), _guarded_worker, (samples,)
+        )
     else:  # another FFCV version: unguarded (pre-validation and the parent's timeout still apply)
         writer.from_indexed_dataset(samples, chunksize=spec["chunk_size"])
 
@@ -386,12 +446,14 @@ def _write(spec: dict) -> int:
     labels = reader.metadata[f"f{reader.field_names.index('label')}"]
     expected = np.array([label for _, label in spec["samples"]], dtype=labels.dtype)
     if int(reader.num_samples) != len(samples) or not np.array_equal(labels, expected):
-        _fail_group(f"{spec['out']} reads back {int(reader.num_samples)} samples or wrong labels, "
-                    f"expected {len(samples)}")
+        _fail_group(
+            f"{spec['out']} reads back {int(reader.num_samples)} samples or wrong labels, expected {len(samples)}"
+        )
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _size(text: str) -> int:
     """``2097152``, ``1<<21``, ``2M``, ``2MiB`` → bytes."""
@@ -407,29 +469,49 @@ def _size(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Convert <data-dir>/<split>/<class>/<image> to an FFCV .beton file.",
-                                     epilog="Exit status: 0 written, 2 bad input (nothing written), 1 the writer "
-                                            "failed or timed out (nothing left behind).")
+    parser = argparse.ArgumentParser(
+        description="Convert <data-dir>/<split>/<class>/<image> to an FFCV .beton file.",
+        epilog="Exit status: 0 written, 2 bad input (nothing written), 1 the writer "
+        "failed or timed out (nothing left behind).",
+    )
     parser.add_argument("--data-dir", required=True, help="the ImageNet-layout folder (holding <split>/)")
     parser.add_argument("--split", required=True, help="the sub-folder to convert: train or val")
     parser.add_argument("--out", required=True, help="the .beton file to write (replaced atomically)")
-    parser.add_argument("--max-resolution", type=int, default=512,
-                        help="longer image side after resizing, in pixels (default 512)")
-    parser.add_argument("--write-mode", choices=WRITE_MODES, default="proportion",
-                        help="jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability, else raw; "
-                             "smart: raw unless larger than --smart-threshold bytes (default proportion)")
+    parser.add_argument(
+        "--max-resolution", type=int, default=512, help="longer image side after resizing, in pixels (default 512)"
+    )
+    parser.add_argument(
+        "--write-mode",
+        choices=WRITE_MODES,
+        default="proportion",
+        help="jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability, else raw; "
+        "smart: raw unless larger than --smart-threshold bytes (default proportion)",
+    )
     parser.add_argument("--compress-probability", type=float, default=0.5, help="for proportion (default 0.5)")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="1-100 (default 90)")
-    parser.add_argument("--smart-threshold", type=_size, default=None,
-                        help="for smart: JPEG-compress images whose raw size exceeds this many bytes")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes that check and write images (default: all cores)")
+    parser.add_argument(
+        "--smart-threshold",
+        type=_size,
+        default=None,
+        help="for smart: JPEG-compress images whose raw size exceeds this many bytes",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that check and write images (default: all cores)",
+    )
     parser.add_argument("--chunk-size", type=int, default=100, help="images per writer work item (default 100)")
-    parser.add_argument("--page-size", type=_size, default=None,
-                        help="bytes, a power of two >= 2 MiB, e.g. 2M or 1<<21 (default: the smallest that holds "
-                             "a raw --max-resolution image, at least 2 MiB)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help="seconds before the conversion is killed (default 86400)")
+    parser.add_argument(
+        "--page-size",
+        type=_size,
+        default=None,
+        help="bytes, a power of two >= 2 MiB, e.g. 2M or 1<<21 (default: the smallest that holds "
+        "a raw --max-resolution image, at least 2 MiB)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before the conversion is killed (default 86400)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -441,11 +523,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     try:
-        count = write_split(args.data_dir, args.split, args.out, max_resolution=args.max_resolution,
-                            write_mode=args.write_mode, compress_probability=args.compress_probability,
-                            jpeg_quality=args.jpeg_quality, smart_threshold=args.smart_threshold,
-                            workers=args.workers, chunk_size=args.chunk_size, page_size=args.page_size,
-                            timeout=args.timeout, progress=not args.no_progress)
+        count = write_split(
+            args.data_dir,
+            args.split,
+            args.out,
+            max_resolution=args.max_resolution,
+            write_mode=args.write_mode,
+            compress_probability=args.compress_probability,
+            jpeg_quality=args.jpeg_quality,
+            smart_threshold=args.smart_threshold,
+            workers=args.workers,
+            chunk_size=args.chunk_size,
+            page_size=args.page_size,
+            timeout=args.timeout,
+            progress=not args.no_progress,
+        )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.status
@@ -453,8 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; nothing written", file=sys.stderr)
         return 130
     size = os.path.getsize(args.out) / 2**20
-    print(f"wrote {count} images of {args.data_dir}/{args.split} to {args.out} ({size:.1f} MiB) in "
-          f"{time.monotonic() - start:.0f} s", file=sys.stderr)
+    print(
+        f"wrote {count} images of {args.data_dir}/{args.split} to {args.out} ({size:.1f} MiB) in "
+        f"{time.monotonic() - start:.0f} s",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -33,14 +33,13 @@ def class_folders(root: Path, split: str, source: str = "data.path") -> list[str
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not classes:
         raise ConfigError(f"{source} {str(root)!r}: {split}/ has no class folders")
-    empty = [name for name in classes
-             if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (folder / name).iterdir())]
+    empty = [name for name in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (folder / name).iterdir())]
     if empty:
-        shown = ", ".join(f"{split}/{name}" for name in empty[:5]) + (f" and {len(empty) - 5} more"
-                                                                      if len(empty) > 5 else "")
+        shown = ", ".join(f"{split}/{name}" for name in empty[:5]) + (
+            f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        )
         folders, have = ("class folder", "has") if len(empty) == 1 else ("class folders", "have")
-        raise ConfigError(f"{source} {str(root)!r}: {folders} {shown} {have} no images "
-                          f"({', '.join(IMAGE_SUFFIXES)})")
+        raise ConfigError(f"{source} {str(root)!r}: {folders} {shown} {have} no images ({', '.join(IMAGE_SUFFIXES)})")
     return classes
 
 
@@ -53,9 +52,11 @@ def split_classes(root: Path, split: str, source: str = "data.path") -> list[str
         reference = sorted(d.name for d in train.iterdir() if d.is_dir())
         if reference != classes:
             missing, extra = sorted(set(reference) - set(classes)), sorted(set(classes) - set(reference))
-            raise ConfigError(f"{source} {str(root)!r}: {split}/ and train/ have different class folders (missing "
-                              f"in {split}/: {missing[:5] or 'none'}, extra: {extra[:5] or 'none'}); labels are "
-                              f"class indices, so they would not match between the splits")
+            raise ConfigError(
+                f"{source} {str(root)!r}: {split}/ and train/ have different class folders (missing "
+                f"in {split}/: {missing[:5] or 'none'}, extra: {extra[:5] or 'none'}); labels are "
+                f"class indices, so they would not match between the splits"
+            )
     return classes
 
 

@@ -34,10 +34,18 @@ def get_backend(name: str) -> Backend:
     return all_backends()[name]
 
 
-def build_loaders(config: DataConfig, *, rank: int = 0, world: int = 1, seed: int = 0,
-                  device: torch.device | None = None, train: bool = True) -> Loaders:
+def build_loaders(
+    config: DataConfig,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    seed: int = 0,
+    device: torch.device | None = None,
+    train: bool = True,
+) -> Loaders:
     """The loaders of ``config``'s backend for process ``rank`` of ``world``: training batches (``len()`` = batches
     per epoch; ``train=False``: none, for evaluation) and validation batches that see every image exactly once
     across processes. A :class:`ConfigError` for data that cannot be read, before anything is built."""
-    return get_backend(config.name).build(config, rank=rank, world=world, seed=seed, device=device or torch.device("cpu"),
-                                      train=train)
+    return get_backend(config.name).build(
+        config, rank=rank, world=world, seed=seed, device=device or torch.device("cpu"), train=train
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -43,8 +43,8 @@ class RepeatedAugmentSampler(Sampler[int]):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
         order = torch.randperm(self.size, generator=gen).repeat_interleave(self.repeats)
         total = math.ceil(len(order) / self.world) * self.world
-        order = torch.cat([order, order[:total - len(order)]])  # pad so every process gets as many
-        return iter(order[self.rank::self.world][:self.per_process].tolist())
+        order = torch.cat([order, order[: total - len(order)]])  # pad so every process gets as many
+        return iter(order[self.rank :: self.world][: self.per_process].tolist())
 
     def __len__(self) -> int:
         return self.per_process

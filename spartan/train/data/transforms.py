@@ -3,7 +3,7 @@ backend's batches."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
@@ -17,8 +17,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def train_transform(config: AugmentOptions) -> v2.Compose:
     """RandomResizedCrop → flip → RandAugment/TrivialAugment → tensor, normalize → random erasing."""
     interpolation = InterpolationMode(config.interpolation)
-    steps = [v2.RGB(), v2.RandomResizedCrop(config.image_size, scale=(config.min_scale, 1.0),
-                                            interpolation=interpolation, antialias=True)]
+    steps = [
+        v2.RGB(),
+        v2.RandomResizedCrop(
+            config.image_size, scale=(config.min_scale, 1.0), interpolation=interpolation, antialias=True
+        ),
+    ]
     if config.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if config.auto_augment == "randaugment":
@@ -34,8 +38,14 @@ def train_transform(config: AugmentOptions) -> v2.Compose:
 def val_transform(config: AugmentOptions) -> v2.Compose:
     """Resize the short side to ``image_size / val_crop_ratio`` (256 for 224), center-crop, normalize."""
     resize = round(config.image_size / config.val_crop_ratio)
-    return v2.Compose([v2.RGB(), v2.Resize(resize, interpolation=InterpolationMode(config.interpolation),
-                                           antialias=True), v2.CenterCrop(config.image_size), *_to_normalized_tensor()])
+    return v2.Compose(
+        [
+            v2.RGB(),
+            v2.Resize(resize, interpolation=InterpolationMode(config.interpolation), antialias=True),
+            v2.CenterCrop(config.image_size),
+            *_to_normalized_tensor(),
+        ]
+    )
 
 
 def _to_normalized_tensor() -> list:

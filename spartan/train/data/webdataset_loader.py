@@ -15,8 +15,9 @@ import io
 import random
 import tarfile
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -66,10 +67,21 @@ def count_samples(shards: list[str]) -> int:
 
 class ShardStream(IterableDataset):
     """This process's samples as ``(image, label)`` after ``transform``: shards in an order drawn from
-    ``(seed, epoch, pass)`` (the ``shards`` stream), split over workers, shuffled in a buffer; ``cycle`` repeats the shards forever."""
+    ``(seed, epoch, pass)`` (the ``shards`` stream), split over workers, shuffled in a buffer; ``cycle`` repeats
+    the shards forever."""
 
-    def __init__(self, shards: list[str], rank: int, world: int, seed: int, transform: Callable, *, cycle: bool,
-                 shuffle_buffer: int, num_classes: int):
+    def __init__(
+        self,
+        shards: list[str],
+        rank: int,
+        world: int,
+        seed: int,
+        transform: Callable,
+        *,
+        cycle: bool,
+        shuffle_buffer: int,
+        num_classes: int,
+    ):
         self.shards, self.rank, self.world, self.seed = shards, rank, world, seed
         self.transform, self.cycle, self.shuffle_buffer = transform, cycle, shuffle_buffer
         self.num_classes = num_classes
@@ -82,17 +94,19 @@ class ShardStream(IterableDataset):
             order = list(self.shards)
             if self.cycle:
                 random.Random(derive_seed(self.seed, "shards", self.epoch, n)).shuffle(order)
-            mine = order[self.rank::self.world]
+            mine = order[self.rank :: self.world]
             if self.cycle and not mine:  # fewer shards than processes: training reuses one, validation must not
-                mine = order[self.rank % len(order)::len(order)]
+                mine = order[self.rank % len(order) :: len(order)]
             yield from ({"url": url} for url in mine)
 
     def _count_shards(self, urls: Iterator[dict[str, str]]) -> Iterator[dict[str, str]]:
         for url in urls:
             self.shards_since_sample += 1
             if self.cycle and self.shards_since_sample > 2 * len(self.shards):
-                raise RuntimeError(f"no sample in {self.shards_since_sample - 1} WebDataset shards read in a row, "
-                                   f"e.g. {url['url']}: are they readable tar files?")
+                raise RuntimeError(
+                    f"no sample in {self.shards_since_sample - 1} WebDataset shards read in a row, "
+                    f"e.g. {url['url']}: are they readable tar files?"
+                )
             yield url
 
     def _saw_sample(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -101,12 +115,20 @@ class ShardStream(IterableDataset):
             yield sample
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int] | str]:
-        stages: list[Any] = [self._urls, wds.split_by_worker, self._count_shards,
-                             wds.tarfile_to_samples(handler=_warn_and_skip), self._saw_sample]
+        stages: list[Any] = [
+            self._urls,
+            wds.split_by_worker,
+            self._count_shards,
+            wds.tarfile_to_samples(handler=_warn_and_skip),
+            self._saw_sample,
+        ]
         if self.shuffle_buffer > 1 and self.cycle:
             # Seeded from this worker's torch seed (the DataLoader derives it from the epoch's generator).
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(1000, self.shuffle_buffer),
-                                      seed=torch.initial_seed() % 2**63))
+            stages.append(
+                wds.shuffle(
+                    self.shuffle_buffer, initial=min(1000, self.shuffle_buffer), seed=torch.initial_seed() % 2**63
+                )
+            )
         stages.append(wds.map(self._decode))
         return iter(wds.DataPipeline(*stages))
 
@@ -119,12 +141,15 @@ class ShardStream(IterableDataset):
             image.load()
             label = int(sample["cls"])
         except (OSError, ValueError, SyntaxError) as err:
-            warnings.warn(f"skipping unreadable sample {sample.get('__key__')} in {sample.get('__url__')}: {err}",
-                          stacklevel=1)
+            warnings.warn(
+                f"skipping unreadable sample {sample.get('__key__')} in {sample.get('__url__')}: {err}", stacklevel=1
+            )
             return UNREADABLE  # dropped by the collate function, which shrinks the batch (counted by the trainer)
         if not 0 <= label < self.num_classes:
-            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has label {label}, outside "
-                             f"data.num_classes={self.num_classes}")
+            raise ValueError(
+                f"sample {sample.get('__key__')} in {sample.get('__url__')} has label {label}, outside "
+                f"data.num_classes={self.num_classes}"
+            )
         return self.transform(image), label
 
 
@@ -148,13 +173,22 @@ class FixedBatches:
             yield next(iterator)
 
 
-def webdataset_loaders(config: WebDatasetConfig, *, rank: int, world: int, seed: int, device: torch.device,
-                       train: bool) -> Loaders:
+def webdataset_loaders(
+    config: WebDatasetConfig, *, rank: int, world: int, seed: int, device: torch.device, train: bool
+) -> Loaders:
     workers = worker_options(config, device)
     workers["collate_fn"] = skip_unreadable
     val_shards = shard_list(config, "val")
-    val_stream = ShardStream(val_shards, rank, world, seed, val_transform(config), cycle=False, shuffle_buffer=0,
-                             num_classes=config.num_classes)
+    val_stream = ShardStream(
+        val_shards,
+        rank,
+        world,
+        seed,
+        val_transform(config),
+        cycle=False,
+        shuffle_buffer=0,
+        num_classes=config.num_classes,
+    )
     val_loader = DataLoader(val_stream, batch_size=config.val_batch_size or config.batch_size, **workers)
     val_size = config.val_size or count_samples(val_shards)
     shape = (config.channels, config.image_size, config.image_size)
@@ -164,8 +198,16 @@ def webdataset_loaders(config: WebDatasetConfig, *, rank: int, world: int, seed:
     train_size = config.train_size or count_samples(train_shards)
     check_batch_fits(config, world, train_size, "data=webdataset")
     batches = train_size // (config.batch_size * world)
-    stream = ShardStream(train_shards, rank, world, seed, train_transform(config), cycle=True,
-                         shuffle_buffer=config.shuffle_buffer, num_classes=config.num_classes)
+    stream = ShardStream(
+        train_shards,
+        rank,
+        world,
+        seed,
+        train_transform(config),
+        cycle=True,
+        shuffle_buffer=config.shuffle_buffer,
+        num_classes=config.num_classes,
+    )
     generator = torch.Generator()
     loader = DataLoader(stream, batch_size=config.batch_size, generator=generator, **workers)
 
@@ -173,5 +215,6 @@ def webdataset_loaders(config: WebDatasetConfig, *, rank: int, world: int, seed:
         stream.epoch = epoch
         generator.manual_seed(derive_seed(seed, "workers", rank, epoch))
 
-    return Loaders(FixedBatches(loader, batches), val_loader, DataInfo(config.num_classes, shape, train_size, val_size),
-                   on_epoch)
+    return Loaders(
+        FixedBatches(loader, batches), val_loader, DataInfo(config.num_classes, shape, train_size, val_size), on_epoch
+    )

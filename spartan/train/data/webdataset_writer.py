@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        count = write_shards(args.data_dir, args.split, args.out, samples_per_shard=args.samples_per_shard,
-                             seed=args.seed)
+        count = write_shards(
+            args.data_dir, args.split, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed
+        )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -23,8 +23,10 @@ class DigitsConfig(DataLoaderOptions, DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.image_size, self.channels) != (8, 1):
-            raise ConfigError(f"data=digits has 1×8×8 images: data.image_size must be 8 and data.channels 1, got "
-                              f"{self.image_size} and {self.channels}")
+            raise ConfigError(
+                f"data=digits has 1×8×8 images: data.image_size must be 8 and data.channels 1, got "
+                f"{self.image_size} and {self.channels}"
+            )
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
 
@@ -44,11 +46,20 @@ def digits_split(val_fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor
     return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
 
 
-def build_loaders(config: DigitsConfig, *, rank: int, world: int, seed: int, device: torch.device,
-                  train: bool) -> Loaders:
+def build_loaders(
+    config: DigitsConfig, *, rank: int, world: int, seed: int, device: torch.device, train: bool
+) -> Loaders:
     x_train, y_train, x_val, y_val = digits_split(config.val_fraction)
-    return map_style_loaders(config, TensorDataset(x_train, y_train) if train else None, TensorDataset(x_val, y_val),
-                             10, rank=rank, world=world, seed=seed, device=device)
+    return map_style_loaders(
+        config,
+        TensorDataset(x_train, y_train) if train else None,
+        TensorDataset(x_val, y_val),
+        10,
+        rank=rank,
+        world=world,
+        seed=seed,
+        device=device,
+    )
 
 
 BACKEND = Backend("digits", DigitsConfig, f"{__name__}:build_loaders")

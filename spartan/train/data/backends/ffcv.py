@@ -41,13 +41,17 @@ class FFCVConfig(CropOptions, PackedFiles, DataConfig):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):
                 raise ConfigError(f"data.{key} must be an integer >= 0, got {getattr(self, key)!r}")
         if self.ramp_end_epoch < self.ramp_start_epoch:
-            raise ConfigError(f"data.ramp_end_epoch must be >= data.ramp_start_epoch = {self.ramp_start_epoch}, "
-                              f"got {self.ramp_end_epoch}")
+            raise ConfigError(
+                f"data.ramp_end_epoch must be >= data.ramp_start_epoch = {self.ramp_start_epoch}, "
+                f"got {self.ramp_end_epoch}"
+            )
         if self.min_res is not None:
             positive_int("data.min_res", self.min_res)
             if self.ramp_end_epoch <= 0:
-                raise ConfigError(f"data.min_res={self.min_res} needs data.ramp_end_epoch > 0 (the epoch at which "
-                                  f"the resolution reaches data.image_size), got {self.ramp_end_epoch}")
+                raise ConfigError(
+                    f"data.min_res={self.min_res} needs data.ramp_end_epoch > 0 (the epoch at which "
+                    f"the resolution reaches data.image_size), got {self.ramp_end_epoch}"
+                )
 
     def image_dtype(self) -> str:
         return self.dtype

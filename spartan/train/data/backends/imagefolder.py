@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from spartan.train.data.common import Backend, AugmentOptions, DataConfig, DataLoaderOptions, Loaders, map_style_loaders
+from spartan.train.data.common import AugmentOptions, Backend, DataConfig, DataLoaderOptions, Loaders, map_style_loaders
 from spartan.train.data.folders import SkippingImageFolder, skip_unreadable, split_classes
 from spartan.train.data.transforms import train_transform, val_transform
 from spartan.train.errors import ConfigError, positive_int
@@ -34,15 +34,26 @@ class ImageFolderConfig(AugmentOptions, DataLoaderOptions, DataConfig):
         positive_int("data.repeated_augment", self.repeated_augment)
 
 
-def build_loaders(config: ImageFolderConfig, *, rank: int, world: int, seed: int, device: torch.device,
-                  train: bool) -> Loaders:
+def build_loaders(
+    config: ImageFolderConfig, *, rank: int, world: int, seed: int, device: torch.device, train: bool
+) -> Loaders:
     root = Path(config.path)
     for split in ("train", "val") if train else ("val",):
         split_classes(root, split)
     train_set = SkippingImageFolder(str(root / "train"), transform=train_transform(config)) if train else None
     val_set = SkippingImageFolder(str(root / "val"), transform=val_transform(config))
-    return map_style_loaders(config, train_set, val_set, len(val_set.classes), rank=rank, world=world, seed=seed,
-                             device=device, collate=skip_unreadable, repeats=config.repeated_augment)
+    return map_style_loaders(
+        config,
+        train_set,
+        val_set,
+        len(val_set.classes),
+        rank=rank,
+        world=world,
+        seed=seed,
+        device=device,
+        collate=skip_unreadable,
+        repeats=config.repeated_augment,
+    )
 
 
 BACKEND = Backend("imagefolder", ImageFolderConfig, f"{__name__}:build_loaders")

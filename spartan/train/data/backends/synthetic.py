@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from spartan.train.errors import positive_int
 from spartan.train.data.common import Backend, DataConfig, DataLoaderOptions, Loaders, map_style_loaders
+from spartan.train.errors import positive_int
 
 
 @dataclass
@@ -46,12 +46,14 @@ class SyntheticImages(Dataset):
         return self.images[index % len(self.images)], self.labels[index % len(self.images)]
 
 
-def build_loaders(config: SyntheticConfig, *, rank: int, world: int, seed: int, device: torch.device,
-                  train: bool) -> Loaders:
+def build_loaders(
+    config: SyntheticConfig, *, rank: int, world: int, seed: int, device: torch.device, train: bool
+) -> Loaders:
     train_set = SyntheticImages(config, config.train_size, offset=0) if train else None
     val_set = SyntheticImages(config, config.val_size, offset=config.train_size)
-    return map_style_loaders(config, train_set, val_set, config.num_classes, rank=rank, world=world, seed=seed,
-                             device=device)
+    return map_style_loaders(
+        config, train_set, val_set, config.num_classes, rank=rank, world=world, seed=seed, device=device
+    )
 
 
 BACKEND = Backend("synthetic", SyntheticConfig, f"{__name__}:build_loaders")

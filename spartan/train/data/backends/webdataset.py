@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spartan.train.data.common import Backend, AugmentOptions, DataConfig, DataLoaderOptions, PackedFiles
+from spartan.train.data.common import AugmentOptions, Backend, DataConfig, DataLoaderOptions, PackedFiles
 from spartan.train.errors import ConfigError, positive_int
 
 
@@ -29,8 +29,10 @@ class WebDatasetConfig(AugmentOptions, PackedFiles, DataLoaderOptions, DataConfi
         if self.channels != 3:
             raise ConfigError(f"data=webdataset decodes RGB images: data.channels must be 3, got {self.channels}")
         if self.persistent_workers:
-            raise ConfigError("data.persistent_workers=true is not available with data=webdataset (each epoch's "
-                              "shard order reaches the workers when they start)")
+            raise ConfigError(
+                "data.persistent_workers=true is not available with data=webdataset (each epoch's "
+                "shard order reaches the workers when they start)"
+            )
         for key in ("train_size", "val_size"):
             if getattr(self, key) is not None:
                 positive_int(f"data.{key}", getattr(self, key))
