@@ -165,6 +165,8 @@ class TrainConfig:
     resume: str | None = None  # auto (this run dir's last checkpoint, if any), a checkpoint file or a run dir
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data, DataConfig):  # Hydra always fills it; TrainConfig() built in code does not
+            raise ConfigError(f"data must be a data option's schema (e.g. DigitsConfig()), got {self.data!r}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.resume == "":

@@ -25,3 +25,9 @@ def finite(key: str, value: Any, low: float, *, low_inclusive: bool = True) -> N
 def choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def fraction(key: str, value: Any) -> None:
+    """A fraction in (0, 1]."""
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ConfigError(f"{key} must be in (0, 1], got {value!r}")

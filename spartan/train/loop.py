@@ -35,7 +35,7 @@ from spartan.train.optim import build_lr_schedule, build_optimizer, peak_lr
 from spartan.train.provenance import environment, git_version
 from spartan.train.run_dir import check_fresh_run_dir, resolve_resume, truncate_metrics
 from spartan.train.seeding import derive_seed, seed_everything
-from spartan.train.tracking import MetricLogger, resolve_wandb_mode
+from spartan.train.tracking import MetricLogger, resolve_wandb_mode, shown
 
 log = logging.getLogger("spartan.train")
 
@@ -395,8 +395,8 @@ def format_summary(summary: dict[str, Any], run_dir: Path, wandb_note: str | Non
             f"{summary['wall_seconds']:.0f} s, {summary['images_per_second']:,.0f} training img/s, "
             f"{summary['steps']} steps on {summary['processes']} process(es)",
         ),
-        ("model", summary["model_final"]),
-        ("logs", f"{summary['metrics']}, {run_dir / 'summary.json'}"),
+        ("model", shown(summary["model_final"])),
+        ("logs", f"{shown(summary['metrics'])}, {shown(run_dir / 'summary.json')}"),
     ]
     if wandb_note:
         rows.append(("W&B", wandb_note))

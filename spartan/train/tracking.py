@@ -123,8 +123,14 @@ def resolve_wandb_mode(config: LoggerConfig) -> str | None:
     return mode
 
 
+def shown(path: Path | str) -> str:
+    """``path`` as printed for users: relative to the working directory when it lies below it, else as it is."""
+    path = Path(path)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else str(path)
+
+
 def _offline_note(reason: str, run_dir: Path) -> str:
-    return f"offline ({reason}): upload with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
+    return f"offline ({reason}): upload with `wandb sync {shown(run_dir / 'wandb')}/offline-run-*`"
 
 
 def _start_wandb(

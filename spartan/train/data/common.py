@@ -16,17 +16,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from spartan.train.data.samplers import RepeatedAugmentSampler, ShardSampler
-from spartan.train.errors import ConfigError, choice, finite, positive_int
+from spartan.train.errors import ConfigError, choice, finite, fraction, positive_int
 from spartan.train.seeding import derive_seed
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
-
-
-def fraction(key: str, value: Any) -> None:
-    """A fraction in (0, 1]."""
-    if not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise ConfigError(f"{key} must be in (0, 1], got {value!r}")
 
 
 @dataclass
@@ -75,14 +69,11 @@ class DataLoaderOptions:
     pin_memory: bool = True
     persistent_workers: bool = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-
 
 @dataclass
 class CropOptions:
-    """Training crops and validation center crops of decoded images: RandomResizedCrop at ``image_size`` with
-    at least ``min_scale`` of the image area, an optional horizontal flip; validation resizes to
+    """Training crops and validation center crops of decoded RGB images (``channels`` is 3): RandomResizedCrop at
+    ``image_size`` with at least ``min_scale`` of the image area, an optional horizontal flip; validation resizes to
     ``image_size / val_crop_ratio`` (256 for 224) and center-crops ``image_size``."""
 
     val_crop_ratio: float = 0.875
@@ -91,6 +82,8 @@ class CropOptions:
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.channels != 3:
+            raise ConfigError(f"data={self.name} decodes RGB images: data.channels must be 3, got {self.channels}")
         fraction("data.val_crop_ratio", self.val_crop_ratio)
         fraction("data.min_scale", self.min_scale)
 

@@ -34,8 +34,6 @@ class FFCVConfig(CropOptions, PackedFiles, DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.channels != 3:
-            raise ConfigError(f"data=ffcv decodes RGB images: data.channels must be 3, got {self.channels}")
         choice("data.dtype", self.dtype, DTYPES)
         for key in ("ramp_start_epoch", "ramp_end_epoch"):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):

@@ -29,8 +29,6 @@ class ImageFolderConfig(AugmentOptions, DataLoaderOptions, DataConfig):
         super().__post_init__()
         if not self.path:
             raise ConfigError(f"data.path must name a dataset folder for data=imagefolder, got {self.path!r}")
-        if self.channels != 3:
-            raise ConfigError(f"data=imagefolder decodes RGB images: data.channels must be 3, got {self.channels}")
         positive_int("data.repeated_augment", self.repeated_augment)
 
 

@@ -26,8 +26,6 @@ class WebDatasetConfig(AugmentOptions, PackedFiles, DataLoaderOptions, DataConfi
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.channels != 3:
-            raise ConfigError(f"data=webdataset decodes RGB images: data.channels must be 3, got {self.channels}")
         if self.persistent_workers:
             raise ConfigError(
                 "data.persistent_workers=true is not available with data=webdataset (each epoch's "
