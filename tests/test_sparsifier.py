@@ -476,3 +476,34 @@ def test_fallback_layers_use_the_unstructured_beta():
     betas = {row["name"]: row["beta"] for row in sparsifier.report()["layers"]}
     assert betas["conv1.weight"] == pytest.approx(2.0)  # (64, 3, 7, 7): unstructured fallback
     assert betas["layer1.0.conv1.weight"] == pytest.approx(8.0)  # 2 * sqrt(16)
+
+
+def test_a_new_selection_pattern_is_one_class_and_its_registration():
+    from spartan.methods import METHODS, Method, register_method
+
+    @register_method
+    class TwoOfFour(Method):
+        """N:M sparsity (2 of every 4 consecutive weights of a row), plain masking: only the selection differs."""
+
+        name = "test_2of4"
+
+        def update_group(self, group, budget, beta, tol):
+            quads = group.values.view(-1, 4)
+            keep = torch.zeros_like(quads, dtype=torch.bool).scatter_(1, quads.topk(2, dim=1).indices, True)
+            group.previous_hard, group.hard = group.hard, group.previous_hard
+            group.hard.copy_(keep.view(-1))
+            group.telemetry = {"flip_rate": float((group.hard ^ group.previous_hard).float().mean())}
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        config = SparsityConfig(method="test_2of4", target=0.5, accounting="masked", warmup_frac=0.0)
+        sparsifier = Sparsifier(model, config, total_steps=4, optimizer=optimizer)
+        train(model, sparsifier, optimizer, 4, input_shape=(8,), classes=4)
+        finalized = sparsifier.finalize()
+        for layer in (finalized[0], finalized[2]):
+            assert ((layer.weight.view(-1, 4) != 0).sum(1) == 2).all()  # exactly 2 of every 4
+        assert sparsifier.report()["totals"]["sparsity_masked"] == 0.5
+    finally:
+        del METHODS["test_2of4"]
