@@ -60,4 +60,4 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     sys.argv = cli.prepare_torchrun(sys.argv)
     main()
-    cli.exit_distributed()
+    cli.finish(0)

@@ -1,6 +1,8 @@
 """Train a sparse network: ``python train.py [experiment=NAME] [GROUP=OPTION] [KEY=VALUE ...]``.
 
-See README.md for the ImageNet, torchrun and sweep commands; configs/ holds every option.
+See README.md for the ImageNet, torchrun, Slurm and sweep commands; configs/ holds every option. Exit statuses:
+``spartan.train.lifecycle.ExitStatus`` (0 finished, 1 failed, 2 bad input, 3 stopped by trainer.stop_after_epochs,
+4 stopped by a signal with a checkpoint; 3 and 4 continue with resume=auto).
 """
 
 import contextlib
@@ -15,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from spartan.train import cli
 from spartan.train.config import register
 from spartan.train.errors import ConfigError
+from spartan.train.lifecycle import AlreadyFinished, ExitStatus, Interrupted
 from spartan.train.loop import train
 
 register(ConfigStore.instance())
@@ -25,21 +28,34 @@ register(ConfigStore.instance())
 def main(cfg: DictConfig) -> float | None:
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
+    overrides = list(hydra_config.overrides.task)
     try:
         config = cli.to_dataclass(cfg)
         files = {
             ".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
-            ".hydra/overrides.yaml": OmegaConf.to_yaml(list(hydra_config.overrides.task)),
+            ".hydra/overrides.yaml": OmegaConf.to_yaml(overrides),
         }
         summary = train(config, run_dir, files=files, run_config=OmegaConf.to_container(cfg, resolve=True))
     except ConfigError:
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # Hydra created it for this run; a start that failed leaves nothing (non-empty: kept)
         raise
-    return summary["val_top1"] if summary else None  # the value a sweeper optimizes
+    except AlreadyFinished as done:
+        cli.finish(ExitStatus.FINISHED, f"nothing to do: {done}", stream=sys.stdout)
+        return None
+    except Interrupted as stop:
+        stop.forward()  # submitit's handler requeues the job (and exits) here
+        cli.finish(
+            ExitStatus.INTERRUPTED,
+            f"stopped by {stop.signal_name} in epoch {stop.epoch} after step {stop.step}, checkpoint written; continue "
+            f"with: {cli.continue_command(overrides, run_dir)}",
+        )
+    if summary is None:  # trainer.stop_after_epochs (the loop logged where and how to continue)
+        cli.finish(ExitStatus.STOPPED)
+    return summary["val_top1"]  # the value a sweeper optimizes
 
 
 if __name__ == "__main__":
     sys.argv = cli.prepare_torchrun(sys.argv)
     main()
-    cli.exit_distributed()
+    cli.finish(ExitStatus.FINISHED)

@@ -344,7 +344,11 @@ class Sparsifier:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Step, warm starts and (once frozen) the fixed masks; soft masks are recomputed from the weights."""
+        """Step, warm starts and (once frozen) the fixed masks; soft masks are recomputed from the weights.
+
+        Masks are stored compactly: hard masks as packed bits, frozen multipliers as the packed bits of the kept
+        entries plus their values where those are not all 1 (Spartan's soft values).
+        """
         groups = []
         for g in self.groups:
             threshold = None
@@ -356,7 +360,7 @@ class Sparsifier:
                     "kept_cost": t.kept_cost,
                     "band": t.band,
                 }
-            groups.append({"lam": g.lam, "threshold": threshold, "hard": g.hard.cpu()})
+            groups.append({"lam": g.lam, "threshold": threshold, "hard": pack_bits(g.hard)})
         state = {
             "fingerprint": self._fingerprint(),
             "step": self.step_count,
@@ -365,7 +369,7 @@ class Sparsifier:
             "groups": groups,
         }
         if self.frozen:
-            state["frozen_keep"] = [layer.keep.cpu() for layer in self.layers]
+            state["frozen_keep"] = [_pack_multiplier(layer.keep) for layer in self.layers]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -389,13 +393,48 @@ class Sparsifier:
             group.threshold = t
         if state["frozen"]:
             for tensor, layer, keep in zip(self.tensors, self.layers, state["frozen_keep"]):
-                layer.keep = keep.to(tensor.weight.device)
+                layer.keep = _unpack_multiplier(keep).to(tensor.weight.device)
             self._use_fixed_masks()  # the optimizer state was pruned before it was saved
             return
         self.frozen = False
         for group, saved in zip(self.groups, state["groups"]):
-            group.hard.copy_(saved["hard"])  # so the next flip rate is measured against the same mask
+            group.hard.copy_(unpack_bits(saved["hard"]))  # so the next flip rate is measured against the same mask
         self._update()  # before the freeze step, so this only rebuilds the current masks
+
+
+def pack_bits(mask: Tensor) -> dict[str, Any]:
+    """A boolean tensor as 8 entries per byte (on the CPU) and its shape; :func:`unpack_bits` inverts it."""
+    flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    bits = (flat << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    return {"bits": bits, "shape": tuple(mask.shape)}
+
+
+def unpack_bits(packed: dict[str, Any] | Tensor) -> Tensor:
+    """The boolean tensor :func:`pack_bits` packed (a plain tensor, as older checkpoints hold, is returned as is)."""
+    if isinstance(packed, Tensor):
+        return packed
+    bits = (packed["bits"][:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.reshape(-1)[: math.prod(packed["shape"])].view(packed["shape"]).bool()
+
+
+def _pack_multiplier(keep: Tensor) -> dict[str, Any]:
+    kept = keep != 0
+    values = keep[kept]
+    return {
+        "kept": pack_bits(kept),
+        "values": None if bool((values == 1).all()) else values.cpu(),
+        "dtype": str(keep.dtype),
+    }
+
+
+def _unpack_multiplier(packed: dict[str, Any] | Tensor) -> Tensor:
+    if isinstance(packed, Tensor):
+        return packed
+    kept = unpack_bits(packed["kept"])
+    keep = torch.zeros(kept.shape, dtype=getattr(torch, packed["dtype"].removeprefix("torch.")))
+    keep[kept] = 1 if packed["values"] is None else packed["values"].to(keep.dtype)
+    return keep
 
 
 def measure_sparsity(

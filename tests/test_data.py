@@ -95,7 +95,7 @@ def test_an_epoch_replays_exactly(name, images, shards):
         data_config(name, images if name == "imagefolder" else shards, num_workers=2), rank=0, world=2
     )
 
-    def epoch(k, rank=0, fresh=False):
+    def epoch(k, rank=0, fresh=False, start=0):
         built = (
             build_loaders(
                 data_config(name, images if name == "imagefolder" else shards, num_workers=2), rank=rank, world=2
@@ -104,12 +104,14 @@ def test_an_epoch_replays_exactly(name, images, shards):
             else loaders
         )
         torch.manual_seed(123)
-        built.set_epoch(k)
+        built.set_epoch(k, start)
         return torch.cat([x for x, _ in built.train])
 
     assert torch.equal(epoch(1), epoch(1, fresh=True))  # what a resumed run builds replays the epoch
     assert not torch.equal(epoch(1), epoch(2))
     assert not torch.equal(epoch(1, rank=0, fresh=True), epoch(1, rank=1, fresh=True))
+    # resumed mid-epoch (after batch 1 of 3, whichever worker decoded it): the rest of the same epoch
+    assert torch.equal(epoch(1, fresh=True, start=1), epoch(1)[4:])
 
 
 def test_augmentation_options_run(images):

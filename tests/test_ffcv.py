@@ -278,6 +278,8 @@ def test_training_epochs_resize_progressively_and_replay_on_resume(betons):
         loaders.set_epoch(1)
         images, labels = epoch_of(loaders.train)
         assert torch.equal(labels, orders[1]) and images[0].shape[-1] == 64
+    loaders.set_epoch(1, 2)  # resumed after batch 2: the rest of the same order
+    assert torch.equal(epoch_of(loaders.train)[1], orders[1][16:])
 
 
 def test_epoch_resolution():

@@ -17,7 +17,6 @@ into the plain sparse model training would have ended with (:func:`load_weights`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from spartan.config import SparsityConfig, first_difference
 from spartan.train.errors import ConfigError
+from spartan.train.files import atomic_save
 from spartan.train.models import build_sparsifier
 from spartan.train.provenance import environment, git_version
 
@@ -34,14 +34,6 @@ LAST = Path("checkpoints") / "last.pt"
 
 RESUME_MUST_MATCH = ("model", "sparsity", "schedule", "optim", "seed")
 """Config sections a resumed run must share with its checkpoint (logging, devices, workers, cadence may change)."""
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` next to ``path`` and rename it into place: a crash leaves the old file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _read(path: Path, purpose: str) -> Any:
@@ -86,8 +78,9 @@ class Checkpoint:
         steps_per_epoch: int,
         val: dict[str, float],
         world: int,
+        within_epoch: dict[str, Any] | None = None,
     ) -> Checkpoint:
-        """The state of a run between two optimizer steps."""
+        """The state of a run between two optimizer steps (``within_epoch``: what a mid-epoch one adds)."""
         return cls(
             {
                 "format": FORMAT,
@@ -106,6 +99,7 @@ class Checkpoint:
                 "val": val,
                 "git": git_version(),
                 "env": environment(world),
+                **({"within_epoch": within_epoch} if within_epoch is not None else {}),
             }
         )
 
@@ -162,14 +156,14 @@ class Checkpoint:
         optimizer: torch.optim.Optimizer,
         lr_schedule: Any,
         scaler: torch.amp.GradScaler,
-    ) -> tuple[dict[str, Any], dict[str, float]]:
-        """Load every state into the built objects; return ``(progress, val metrics)``."""
+    ) -> tuple[dict[str, Any], dict[str, float], dict[str, Any] | None]:
+        """Load every state into the built objects; return ``(progress, val metrics, within_epoch)``."""
         model.load_state_dict(self.state["model"])
         sparsifier.load_state_dict(self.state["sparsifier"])  # after the weights: masks are rebuilt from them
         optimizer.load_state_dict(self.state["optimizer"])
         lr_schedule.load_state_dict(self.state["lr_schedule"])
         scaler.load_state_dict(self.state["scaler"])
-        return self.state["progress"], self.state["val"]
+        return self.state["progress"], self.state["val"], self.state.get("within_epoch")
 
     def final_model(self, model: nn.Module, sparsity: SparsityConfig) -> nn.Module:
         """``model`` (freshly built, like the checkpoint's) with these weights, the masks frozen and baked in as if

@@ -9,13 +9,21 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 
 from spartan.config import ConfigFieldError
-from spartan.train.distributed import init_process_group, launched_by_torchrun, shared_timestamp, shutdown
+from spartan.train.distributed import (
+    current_process,
+    init_process_group,
+    launched_by_torchrun,
+    shared_timestamp,
+    shutdown,
+)
 from spartan.train.errors import ConfigError
+from spartan.train.lifecycle import ExitStatus, RunError
 
 
 def prepare_torchrun(argv: list[str]) -> list[str]:
@@ -27,7 +35,9 @@ def prepare_torchrun(argv: list[str]) -> list[str]:
     if not launched_by_torchrun():
         return argv
     if any(arg in ("-m", "--multirun") for arg in argv):
-        fail("sweeps (-m) cannot run under torchrun: launch one torchrun per configuration")
+        finish(
+            ExitStatus.BAD_INPUT, "error: sweeps (-m) cannot run under torchrun: launch one torchrun per configuration"
+        )
     process = init_process_group()
     os.environ["SPARTAN_RUN_STAMP"] = shared_timestamp().replace("/", "_")
     if not process.is_main:
@@ -72,13 +82,34 @@ def _unknown_keys(cfg: DictConfig, path: str = "") -> Iterator[tuple[str, str]]:
             yield from _unknown_keys(node, f"{path}{key}.")
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def finish(status: int, message: str | None = None, *, stream: TextIO | None = None) -> None:
+    """End the process with ``status`` (0: return to the caller), printing ``message`` on the main process (one
+    line, stderr unless ``stream``). Under torchrun: leave the group and exit at once.
+
+    gloo processes abort at interpreter exit in ~30% of runs after ``destroy_process_group()`` (torch 2.14,
+    docs/design.md §6); exiting with ``os._exit`` after flushing skips that teardown.
+    """
+    if message and current_process().is_main:
+        print(message, file=stream or sys.stderr, flush=True)
+    if launched_by_torchrun():
+        shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    if status:
+        sys.exit(status)
+
+
+def continue_command(overrides: list[str], run_dir: Path) -> str:
+    """The command that continues a stopped run: its overrides, its run directory, ``resume=auto``."""
+    kept = [o for o in overrides if not o.startswith(("hydra.run.dir=", "resume="))]
+    return " ".join(["python train.py", *kept, f"hydra.run.dir={run_dir}", "resume=auto"])
 
 
 def report_errors(main: Callable[[], Any]) -> Callable[[], Any]:
-    """Run ``main``; a :class:`ConfigError` becomes one ``error: ...`` line and exit status 2."""
+    """Run ``main``; bad input becomes one ``error: ...`` line and exit status 2, a run error (e.g. a full disk)
+    one line and 1, a second Ctrl-C one line and 130 (docs/design.md §2.7)."""
 
     @functools.wraps(main)  # Hydra finds configs/ relative to the wrapped function's module
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -86,20 +117,11 @@ def report_errors(main: Callable[[], Any]) -> Callable[[], Any]:
             return main(*args, **kwargs)
         except ConfigError as err:
             logging.getLogger("spartan.train").debug("config error", exc_info=True)
-            fail(str(err))
+            finish(ExitStatus.BAD_INPUT, f"error: {err}")
+        except RunError as err:
+            logging.getLogger("spartan.train").debug("run error", exc_info=True)
+            finish(ExitStatus.FAILED, f"error: {err}")
+        except KeyboardInterrupt:
+            finish(130, "interrupted at once: no checkpoint written (the last one, if any, is intact)")
 
     return wrapped
-
-
-def exit_distributed() -> None:
-    """After a successful run under torchrun: leave the group and exit at once.
-
-    gloo processes abort at interpreter exit in ~30% of runs after ``destroy_process_group()`` (torch 2.14,
-    docs/design.md §6); exiting with ``os._exit(0)`` after flushing skips that teardown.
-    """
-    if launched_by_torchrun():
-        shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(0)

@@ -111,7 +111,9 @@ class TrainerConfig:
     label_smoothing: float = 0.1
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always writes one)
-    log_every: int = 10  # optimizer steps between logged training metrics
+    checkpoint_every_steps: int | None = None  # also a checkpoint every N optimizer steps (mid-epoch)
+    checkpoint_every_minutes: float | None = None  # also a checkpoint when this long has passed since the last one
+    log_every: int = 10  # optimizer steps between logged training metrics (and progress lines without a terminal)
     stop_after_epochs: int | None = None  # end this job after N epochs (checkpointed); continue with resume=auto
     threads: int | None = None  # CPU threads for torch (default: torch's choice)
 
@@ -123,9 +125,11 @@ class TrainerConfig:
             finite("trainer.grad_clip", self.grad_clip, 0.0, low_inclusive=False)
         for key in ("accumulate", "eval_every", "checkpoint_every", "log_every"):
             positive_int(f"trainer.{key}", getattr(self, key))
-        for key in ("threads", "stop_after_epochs"):
+        for key in ("threads", "stop_after_epochs", "checkpoint_every_steps"):
             if getattr(self, key) is not None:
                 positive_int(f"trainer.{key}", getattr(self, key))
+        if self.checkpoint_every_minutes is not None:
+            finite("trainer.checkpoint_every_minutes", self.checkpoint_every_minutes, 0.0, low_inclusive=False)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"trainer.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,24 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     packed = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     return packed.tolist()
+
+
+def any_process(flags: list[float]) -> list[float]:
+    """The largest value of each of ``flags`` over processes (a CPU tensor through gloo: no device sync)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(flags)
+    packed = torch.tensor(flags, dtype=torch.float64)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return packed.tolist()
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every process's ``obj``, in rank order, on the main process (None elsewhere); ``[obj]`` on one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def sync_buffers(model: torch.nn.Module) -> None:

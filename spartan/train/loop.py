@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,19 +24,28 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from spartan.train.checkpoint import LAST, Checkpoint, atomic_save
+from spartan.train.checkpoint import LAST, Checkpoint
 from spartan.train.config import TrainConfig
 from spartan.train.data import Loaders, build_loaders
 from spartan.train.data.transforms import batch_mixer
 from spartan.train.device import autocast, memory_format, resolve_amp, resolve_device
-from spartan.train.distributed import all_reduce_sum, broadcast_flag, current_process, sync_buffers
+from spartan.train.distributed import (
+    all_reduce_sum,
+    any_process,
+    broadcast_flag,
+    current_process,
+    gather_to_main,
+    sync_buffers,
+)
 from spartan.train.errors import ConfigError
 from spartan.train.evaluation import evaluate, sparsity_fields
+from spartan.train.files import atomic_save, atomic_write_text
+from spartan.train.lifecycle import AlreadyFinished, Interrupted, StopSignals
 from spartan.train.models import build_model, build_sparsifier
 from spartan.train.optim import build_lr_schedule, build_optimizer, peak_lr
 from spartan.train.provenance import environment, git_version
-from spartan.train.run_dir import check_fresh_run_dir, resolve_resume, truncate_metrics
-from spartan.train.seeding import derive_seed, seed_everything
+from spartan.train.run_dir import check_fresh_run_dir, finished, resolve_resume, truncate_metrics
+from spartan.train.seeding import derive_seed, rng_state, seed_everything, set_rng_state
 from spartan.train.tracking import MetricLogger, resolve_wandb_mode, shown
 
 log = logging.getLogger("spartan.train")
@@ -44,6 +55,7 @@ log = logging.getLogger("spartan.train")
 class Progress:
     epoch: int = 0  # completed epochs
     step: int = 0  # completed optimizer steps
+    epoch_step: int = 0  # optimizer steps completed in the current epoch (> 0 in a mid-epoch checkpoint)
     train_seconds: float = 0.0
     images: int = 0  # training images processed, all processes together
 
@@ -64,6 +76,8 @@ class Run:
         self.run_config = run_config if run_config is not None else dataclasses.asdict(config)
         self.process = current_process()
         self.is_main = self.process.is_main
+        if config.resume == "auto" and broadcast_flag(self.is_main and finished(self.run_dir)):
+            raise AlreadyFinished(f"{self.run_dir} holds a finished run (model_final.pt, summary.json)")
         trainer = config.trainer
         self.device = resolve_device(trainer.device, self.process)
         self.amp_dtype = resolve_amp(trainer.amp, self.device, config.data.image_dtype())
@@ -100,17 +114,20 @@ class Run:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
         self.progress = Progress()
         self.val_metrics: dict[str, float] = {}
+        self.within_epoch: dict[str, Any] | None = None  # this process's part of a mid-epoch checkpoint
         if resume_path is not None:
             self._restore(resume_path)
         self.metrics: MetricLogger | None = None
         self.runner: nn.Module = self.model
+        self.signals: StopSignals | None = None  # set by train(): stop requests checked at every step boundary
+        self.last_checkpoint = time.monotonic()
 
     def _restore(self, path: Path) -> None:
         checkpoint = Checkpoint.load(path)
         checkpoint.check_resume(
             dataclasses.asdict(self.config), self.amp_dtype, self.config.trainer.amp, self.steps_per_epoch
         )
-        progress, self.val_metrics = checkpoint.restore(
+        progress, self.val_metrics, within_epoch = checkpoint.restore(
             model=self.model,
             sparsifier=self.sparsifier,
             optimizer=self.optimizer,
@@ -118,18 +135,25 @@ class Run:
             scaler=self.scaler,
         )
         self.progress = Progress(**progress)
+        if within_epoch is not None:
+            if len(within_epoch["ranks"]) != self.process.world:
+                raise ConfigError(
+                    f"resume: {path} was written mid-epoch by {len(within_epoch['ranks'])} process(es); it continues "
+                    f"with as many, this run has {self.process.world}"
+                )
+            self.within_epoch = within_epoch["ranks"][self.process.rank]
 
     # ------------------------------------------------------------------------------------------ start
 
     def start(self) -> None:
         """Write the run directory (main process), start the metric logger, compile and wrap for DDP."""
+        logged_until = 0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.config.resume == "auto":  # drop what a crashed job logged after its last checkpoint
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
+            if self.config.resume == "auto":  # drop what a killed job logged after its last checkpoint
+                logged_until = truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
             for name, text in self.files.items():
-                (self.run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / name).write_text(text)
+                atomic_write_text(self.run_dir / name, text)
         self.metrics = MetricLogger(
             self.run_dir,
             self.config.logger,
@@ -138,6 +162,7 @@ class Run:
             run_config=self.run_config,
             enabled=self.is_main,
             resumed=self.config.resume == "auto",
+            logged_until=logged_until,
         )
         # Compile, then DDP: mask updates (sparsifier.step()) stay outside the compiled region.
         self.compiled = torch.compile(self.model) if self.config.trainer.compile else self.model
@@ -157,7 +182,7 @@ class Run:
         first = self.progress.epoch
         for epoch in range(first, epochs):
             self.train_epoch(epoch)
-            self.progress.epoch = epoch + 1
+            self.progress.epoch, self.progress.epoch_step = epoch + 1, 0
             last = epoch + 1 == epochs
             if (epoch + 1) % trainer.eval_every == 0 and not last:  # the last epoch is validated after finalize()
                 self.validate(epoch + 1, "val")
@@ -167,35 +192,32 @@ class Run:
             if stop and not last:
                 if self.is_main:
                     log.info(
-                        f"stopped after epoch {epoch + 1} (trainer.stop_after_epochs={trainer.stop_after_epochs}); "
-                        f"continue with: python train.py <same overrides> hydra.run.dir={self.run_dir} resume=auto"
+                        f"stopped after epoch {epoch + 1} (trainer.stop_after_epochs={trainer.stop_after_epochs}, "
+                        f"exit status 3); continue with the same command and hydra.run.dir={self.run_dir} resume=auto"
                     )
                 return False
         return True
 
     def train_epoch(self, epoch: int) -> None:
         trainer = self.config.trainer
-        seed_everything(derive_seed(self.config.seed, "process", self.process.rank, epoch))
-        self.loaders.set_epoch(epoch)
+        start = self.progress.epoch_step  # > 0: resumed from a checkpoint written mid-epoch
+        self._begin_epoch(epoch, self.within_epoch if start else None)
+        self.within_epoch = None
+        self.loaders.set_epoch(epoch, start * trainer.accumulate)
         self.runner.train()
         bar = tqdm(
             total=self.steps_per_epoch,
+            initial=start,
             desc=f"epoch {epoch + 1}/{self.config.schedule.epochs}",
             disable=not (self.is_main and sys.stderr.isatty()),
             dynamic_ncols=True,
             leave=False,
         )
-        window = {
-            "loss": torch.zeros((), device=self.device),
-            "correct": torch.zeros((), device=self.device),
-            "samples": 0,
-            "steps": 0,
-            "start": time.perf_counter(),
-        }
-        epoch_start, epoch_images, skipped = time.perf_counter(), 0, 0
+        window = self.window
+        epoch_start = clock = time.perf_counter()
         distributed = isinstance(self.runner, nn.parallel.DistributedDataParallel)
         batches = iter(self.loaders.train)
-        for _ in range(self.steps_per_epoch):
+        for _ in range(start, self.steps_per_epoch):
             for micro in range(trainer.accumulate):
                 batch = next(batches)
                 if batch is None:  # the skipping loaders' signal: not one image of the batch was readable
@@ -204,7 +226,7 @@ class Run:
                         f"unreadable (the warnings above name them): fix the data"
                     )
                 images, labels = batch
-                skipped += self.config.data.batch_size - len(labels)  # unreadable images the loader dropped
+                window["skipped"] += self.config.data.batch_size - len(labels)  # unreadable images dropped
                 images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
                 labels = labels.to(self.device, non_blocking=True)
                 images, targets = self.mix(images, labels) if self.mix is not None else (images, labels)
@@ -217,28 +239,64 @@ class Run:
                 window["correct"] += (logits.detach().argmax(1) == labels).sum()
                 window["samples"] += len(labels)
             telemetry = self.optimizer_step()
+            self.progress.epoch_step += 1
+            self.progress.images += self.global_batch
             window["steps"] += 1
-            epoch_images += self.global_batch
             bar.update(1)
             if self.progress.step % trainer.log_every == 0 or window["steps"] == self.steps_per_epoch:
                 self._log_train(epoch, window, telemetry, bar)
+            now = time.perf_counter()
+            self.progress.train_seconds += now - clock
+            self._checkpoint_or_stop(epoch)
+            clock = time.perf_counter()
         for _ in batches:  # finish the epoch's iterator (its last batches don't fill an accumulation): FFCV's
             pass  # producer thread and buffers are only released at the end
         bar.close()
         seconds = time.perf_counter() - epoch_start
-        self.progress.train_seconds += seconds
-        self.progress.images += epoch_images
-        skipped = int(all_reduce_sum([skipped], self.device)[0])
+        skipped = int(all_reduce_sum([window["skipped"]], self.device)[0])
         if skipped:
             self.metrics.log({"kind": "data", "epoch": epoch + 1, "skipped_images": skipped}, step=self.progress.step)
         if self.is_main:
+            images = (self.steps_per_epoch - start) * self.global_batch
             log.info(
                 f"epoch {epoch + 1}/{self.config.schedule.epochs}: {seconds:.1f} s, "
-                f"{epoch_images / seconds:,.0f} img/s, loss {self.last_train['loss']:.4f}, "
+                f"{images / max(seconds, 1e-9):,.0f} img/s, loss {self.last_train['loss']:.4f}, "
                 f"train top-1 {100 * self.last_train['top1']:.2f}%, "
                 f"sparsity {100 * self.last_train['sparsity_all']:.2f}% "
                 f"(target now {100 * self.last_train['sparsity_target']:.2f}%)"
             )
+
+    def _begin_epoch(self, epoch: int, resumed: dict[str, Any] | None) -> None:
+        """The epoch's randomness and accumulators: derived from ``(seed, rank, epoch)`` at its start, or restored
+        as a mid-epoch checkpoint saved them (``resumed``)."""
+        zero = torch.zeros((), device=self.device)
+        if resumed is None:
+            seed_everything(derive_seed(self.config.seed, "process", self.process.rank, epoch))
+            self.window = {"loss": zero, "correct": zero.clone(), "samples": 0, "steps": 0, "skipped": 0}
+        else:
+            set_rng_state(resumed["rng"])
+            saved = resumed["window"]
+            self.window = {**saved, "loss": saved["loss"].to(self.device), "correct": saved["correct"].to(self.device)}
+            self.last_train = resumed["last_train"]
+        self.window["start"] = time.perf_counter()
+
+    def _checkpoint_or_stop(self, epoch: int) -> None:
+        """After a step: a checkpoint when ``trainer.checkpoint_every_steps`` / ``_minutes`` say so, or when a stop
+        signal arrived on any process (all processes agree: one collective), then :class:`Interrupted`."""
+        trainer = self.config.trainer
+        due = bool(trainer.checkpoint_every_steps) and self.progress.step % trainer.checkpoint_every_steps == 0
+        if trainer.checkpoint_every_minutes is not None:
+            due = due or time.monotonic() - self.last_checkpoint >= 60 * trainer.checkpoint_every_minutes
+        received = self.signals.received if self.signals is not None and self.signals.received else 0
+        if self.process.world > 1:
+            received, due = any_process([received, float(due)])
+        signum = int(received)
+        if signum:
+            self.save_checkpoint(within_epoch=True)
+            previous = self.signals.previous.get(signum) if self.signals is not None else None
+            raise Interrupted(signum, epoch + 1, self.progress.step, self.progress.epoch_step, previous)
+        if due and self.progress.epoch_step < self.steps_per_epoch:  # the epoch's end makes its own checkpoint
+            self.save_checkpoint(within_epoch=True)
 
     def optimizer_step(self) -> dict[str, Any]:
         """One optimizer step on the accumulated gradients, in the order the Sparsifier needs: its global gradient
@@ -281,6 +339,14 @@ class Run:
             img_s=f"{record['img_per_s']:,.0f}",
             sparsity=f"{100 * record['sparsity_all']:.1f}%",
         )
+        if self.is_main and bar.disable:  # no terminal (a Slurm log, nohup): a line in the log instead of the bar
+            remaining = (self.total_steps - self.progress.step) * self.global_batch / max(record["img_per_s"], 1e-9)
+            log.info(
+                f"epoch {epoch + 1}/{self.config.schedule.epochs} step {self.progress.step}/{self.total_steps}: "
+                f"{record['img_per_s']:,.0f} img/s, loss {record['loss']:.4f}, lr {record['lr']:.4g}, sparsity "
+                f"{100 * record['sparsity_all']:.2f}% (target {100 * record['sparsity_target']:.2f}%), "
+                f"ETA {datetime.timedelta(seconds=round(remaining))}"
+            )
         window.update(
             loss=torch.zeros((), device=self.device),
             correct=torch.zeros((), device=self.device),
@@ -318,8 +384,10 @@ class Run:
             )
         return report
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, within_epoch: bool = False) -> None:
+        """Write ``checkpoints/last.pt`` (main process); ``within_epoch`` adds every process's epoch state."""
         sync_buffers(self.model)
+        ranks = gather_to_main(self._epoch_state()) if within_epoch else None
         if self.is_main:
             checkpoint = Checkpoint.capture(
                 model=self.model,
@@ -334,8 +402,17 @@ class Run:
                 steps_per_epoch=self.steps_per_epoch,
                 val=self.val_metrics,
                 world=self.process.world,
+                within_epoch=None if ranks is None else {"ranks": ranks},
             )
             checkpoint.save(self.run_dir / LAST)
+        self.last_checkpoint = time.monotonic()
+
+    def _epoch_state(self) -> dict[str, Any]:
+        """What this process needs to continue its epoch exactly: the log window (with the skipped images), the
+        last training record and the RNG states of this step boundary."""
+        window = {k: v for k, v in self.window.items() if k != "start"}
+        window.update(loss=window["loss"].cpu(), correct=window["correct"].cpu())
+        return {"window": window, "last_train": getattr(self, "last_train", None), "rng": rng_state()}
 
     # ------------------------------------------------------------------------------------------ the end
 
@@ -414,18 +491,26 @@ def _si(value: float) -> str:
 def train(
     config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None, run_config: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
-    """Train ``config`` into ``run_dir``; return the summary (also in ``summary.json``), None if stopped early."""
+    """Train ``config`` into ``run_dir``; return the summary (also in ``summary.json``), None if
+    ``trainer.stop_after_epochs`` ended it early. A stop signal ends it at the next step boundary with a checkpoint
+    and :class:`~spartan.train.lifecycle.Interrupted` (handlers are installed in the main thread only)."""
     run = Run(config, run_dir, files=files, run_config=run_config)
     failed = True
-    try:
-        run.start()
-        if not run.fit():
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    with StopSignals() if in_main_thread else contextlib.nullcontext() as signals:
+        run.signals = signals
+        try:
+            run.start()
+            if not run.fit():
+                failed = False
+                return None
+            summary = run.finish()
             failed = False
-            return None
-        summary = run.finish()
-        failed = False
-    finally:
-        run.close(failed)
+        except Interrupted:
+            failed = False  # checkpointed: the W&B run is not a failure, the job continues later
+            raise
+        finally:
+            run.close(failed)
     if run.is_main:
         log.info(format_summary(summary, Path(run_dir), run.metrics.wandb_note))
     return summary

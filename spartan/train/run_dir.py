@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from spartan.train.checkpoint import LAST
 from spartan.train.errors import ConfigError
+from spartan.train.files import atomic_write_text
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -37,11 +37,16 @@ def check_fresh_run_dir(run_dir: Path) -> None:
         )
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` (epochs a crashed run logged but did not checkpoint)."""
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop records logged after ``step`` (what a killed run logged after its last checkpoint); return the last
+    step the file held (0 if none): what the metric logger had already sent on."""
     if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+        return 0
+    lines = [(json.loads(line)["step"], line) for line in path.read_text().splitlines()]
+    atomic_write_text(path, "".join(line + "\n" for logged, line in lines if logged <= step))
+    return max((logged for logged, _ in lines), default=0)
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run (its final model and summary)."""
+    return (run_dir / "model_final.pt").is_file() and (run_dir / "summary.json").is_file()

@@ -11,7 +11,11 @@ size cannot break a resume. The streams (ids in order):
 - ``workers`` (rank, epoch): the generator DataLoader worker seeds are drawn from;
 - ``order`` (): the training order's seed, to which samplers add the epoch; ``order`` (epoch) where a sampler
   needs one seed per epoch (repeated augmentation);
-- ``shards`` (epoch, pass): WebDataset's shard order.
+- ``shards`` (epoch, pass): WebDataset's shard order;
+- ``samples`` (rank, epoch, position): the augmentation of the sample at ``position`` of one process's epoch (map-style
+  backends that augment), so a run resumed mid-epoch draws the same augmentations whatever worker decodes them.
+
+A checkpoint written mid-epoch also holds the RNG states of that moment (:func:`rng_state`).
 
 Seeds are hashed (numpy's ``SeedSequence``), so run seed 1 in epoch 0 draws nothing like run seed 0 in epoch 1.
 """
@@ -19,11 +23,12 @@ Seeds are hashed (numpy's ``SeedSequence``), so run seed 1 in epoch 0 draws noth
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
 
-STREAMS: dict[str, tuple[int, ...]] = {"process": (), "workers": (1,), "order": (2,), "shards": (3,)}
+STREAMS: dict[str, tuple[int, ...]] = {"process": (), "workers": (1,), "order": (2,), "shards": (3,), "samples": (4,)}
 
 
 def derive_seed(seed: int, stream: str, *ids: int) -> int:
@@ -38,3 +43,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), numpy and ``random`` states, as tensors and numbers (they load with
+    ``torch.load(weights_only=True)``)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": position,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "random": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
+    r = state["random"]
+    random.setstate((r["version"], tuple(r["internal"]), r["gauss_next"]))

@@ -19,6 +19,7 @@ from typing import Any
 
 from spartan.train.config import LoggerConfig
 from spartan.train.errors import ConfigError
+from spartan.train.files import append_line
 
 log = logging.getLogger("spartan.train")
 
@@ -27,7 +28,12 @@ WANDB_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 
 
 class MetricLogger:
-    """``log(record)`` appends one JSON line (and logs to W&B); ``close()`` ends the W&B run."""
+    """``log(record)`` appends one JSON line (and logs to W&B); ``close()`` ends the W&B run.
+
+    A run resumed in its own directory continues its W&B run; ``logged_until`` is the last step the interrupted
+    job had logged, which W&B already holds: those steps are not sent again (a resumed run recomputes them
+    bitwise, so ``metrics.jsonl`` gets them back and W&B keeps the first copy).
+    """
 
     def __init__(
         self,
@@ -39,8 +45,10 @@ class MetricLogger:
         run_config: dict[str, Any],
         enabled: bool,
         resumed: bool,
+        logged_until: int = 0,
     ):
         self.enabled = enabled
+        self.logged_until = logged_until
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         self.wandb_note = None
@@ -51,7 +59,7 @@ class MetricLogger:
         if not self.enabled:
             return
         self._append({**record, "step": step})
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and step > self.logged_until:
             kind = record.get("kind", "train")
             values = {
                 f"{kind}/{k}": v
@@ -65,7 +73,7 @@ class MetricLogger:
         if not self.enabled:
             return
         self._append({"kind": "layers", "epoch": epoch, "layers": rows, "step": step})
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and step > self.logged_until:
             import wandb
 
             columns = ["name", "params", "params_kept", "density", "density_target"]
@@ -73,8 +81,7 @@ class MetricLogger:
             self.wandb_run.log({"layers/densities": table, "step": step})
 
     def _append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+        append_line(self.path, json.dumps(record, default=_jsonable))
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled and self.wandb_run is not None:

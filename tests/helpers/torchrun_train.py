@@ -25,4 +25,4 @@ if __name__ == "__main__":
 
     sys.argv = cli.prepare_torchrun(["train.py", *sys.argv[1:]])
     train.main()
-    cli.exit_distributed()
+    cli.finish(0)

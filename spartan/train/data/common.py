@@ -8,15 +8,16 @@ does not belong to the selected ``data=`` option fails when Hydra composes the c
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from spartan.train.data.samplers import RepeatedAugmentSampler, ShardSampler
 from spartan.train.errors import ConfigError, choice, finite, fraction, positive_int
+from spartan.train.lifecycle import ignore_stop_signals
 from spartan.train.seeding import derive_seed
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -141,14 +142,20 @@ class DataInfo:
 
 @dataclass
 class Loaders:
-    train: Iterable | None  # batches of (images, labels); len() = batches per epoch
+    """``train``: batches of ``(images, labels)``, ``len()`` = batches of a whole epoch; ``set_epoch(epoch,
+    start)`` prepares epoch ``epoch`` (order, worker seeds, resolution) from its batch ``start`` on, so that a run
+    resumed mid-epoch gets the batches an uninterrupted one would (iteration then yields ``len() - start``)."""
+
+    train: Iterable | None
     val: Iterable
     info: DataInfo
-    on_epoch: Callable[[int], None] | None = None  # reshuffle / reseed workers / resize for an epoch
+    on_epoch: Callable[[int, int], None] | None = None  # (epoch, start batch)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
         if self.on_epoch is not None:
-            self.on_epoch(epoch)
+            self.on_epoch(epoch, start)
+        elif start:
+            raise ValueError(f"these loaders cannot start an epoch at batch {start}")
 
 
 def check_batch_fits(config: DataConfig, world: int, train_size: int, source: str) -> None:
@@ -166,7 +173,64 @@ def worker_options(config: DataConfig, device: torch.device) -> dict[str, Any]:
         "num_workers": config.num_workers,
         "pin_memory": config.pin_memory and device.type == "cuda",
         "persistent_workers": config.persistent_workers and config.num_workers > 0,
+        "worker_init_fn": ignore_stop_signals,
     }
+
+
+class EpochSampler(Sampler):
+    """One epoch of ``sampler``'s indices from batch ``start`` on (:meth:`set_epoch`). With ``tagged`` it yields
+    ``(epoch, position, index)``, which :class:`SeededSamples` turns into a per-position augmentation seed."""
+
+    def __init__(self, sampler: Sampler, batch_size: int, tagged: bool):
+        self.sampler, self.batch_size, self.tagged = sampler, batch_size, tagged
+        self.epoch = self.start = 0
+
+    def set_epoch(self, epoch: int, start: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator:
+        order = list(self.sampler)
+        for position in range(self.start * self.batch_size, len(order)):
+            yield (self.epoch, position, order[position]) if self.tagged else order[position]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ReadAhead:
+    """The batches of ``batches`` (an iterable with ``len()``) from ``start`` on, for backends that cannot seek:
+    the earlier batches are read and dropped, so the rest are exactly those of an uninterrupted epoch (resuming
+    mid-epoch costs the time to read them)."""
+
+    def __init__(self, batches: Any):
+        self.batches, self.start = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator:
+        iterator = iter(self.batches)
+        for _ in range(self.start):
+            next(iterator)
+        yield from iterator
+
+
+class SeededSamples(Dataset):
+    """``dataset`` whose item ``(epoch, position, index)`` is sample ``index`` augmented under the seed of
+    ``(seed, rank, epoch, position)`` (the ``samples`` stream), whichever worker decodes it."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> Any:
+        epoch, position, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, "samples", self.rank, epoch, position))
+            return self.dataset[index]
 
 
 def map_style_loaders(
@@ -181,10 +245,12 @@ def map_style_loaders(
     device: torch.device,
     collate: Callable | None = None,
     repeats: int = 1,
+    augmenting: bool = False,
 ) -> Loaders:
     """DataLoaders over map-style datasets: a training shard per process reshuffled by ``(seed, epoch)``
-    (``repeats`` > 1: repeated augmentation), worker seeds from ``(seed, rank, epoch)`` (a resumed run replays
-    both), validation without padding (every image once over all processes)."""
+    (``repeats`` > 1: repeated augmentation), worker seeds from ``(seed, rank, epoch)``, an epoch started at any
+    batch; ``augmenting`` datasets draw each sample's augmentation from its position in the epoch (so a run resumed
+    mid-epoch replays them exactly); validation without padding (every image once over all processes)."""
     workers = worker_options(config, device)
     info = DataInfo(
         num_classes,
@@ -203,14 +269,15 @@ def map_style_loaders(
         return Loaders(None, val_loader, info)
     check_batch_fits(config, world, len(train_set), f"data={config.name}")
     if repeats > 1:
-        sampler = RepeatedAugmentSampler(len(train_set), rank, world, repeats, seed)
+        order = RepeatedAugmentSampler(len(train_set), rank, world, repeats, seed)
     else:
-        sampler = DistributedSampler(
+        order = DistributedSampler(
             train_set, num_replicas=world, rank=rank, shuffle=True, seed=derive_seed(seed, "order"), drop_last=True
         )
+    sampler = EpochSampler(order, config.batch_size, tagged=augmenting)
     generator = torch.Generator()
     train_loader = DataLoader(
-        train_set,
+        SeededSamples(train_set, seed, rank) if augmenting else train_set,
         batch_size=config.batch_size,
         sampler=sampler,
         drop_last=True,
@@ -219,8 +286,8 @@ def map_style_loaders(
         **workers,
     )
 
-    def on_epoch(epoch: int) -> None:
-        sampler.set_epoch(epoch)
+    def on_epoch(epoch: int, start: int) -> None:
+        sampler.set_epoch(epoch, start)
         generator.manual_seed(derive_seed(seed, "workers", rank, epoch))
 
     return Loaders(train_loader, val_loader, info, on_epoch)

@@ -7,8 +7,9 @@ Training: a random resized crop decoded straight to the epoch's resolution (prog
 GPU when ``device`` is one), channels-last, in ``data.dtype``, on ``device``. Order: FFCV's quasi-random order
 (page-local shuffling, suited to datasets larger than RAM) in one process; with several processes a random order
 split across them (FFCV's ``distributed=True``, which needs an initialised ``torch.distributed`` process group).
-``Loaders.on_epoch(epoch)`` sets the resolution and makes the order of the epoch a function of ``(seed, epoch)``
-only, so a resumed run draws the order of an uninterrupted one. The crops and flips come from numba's per-thread
+``Loaders.on_epoch(epoch, start)`` sets the resolution and makes the order of the epoch a function of ``(seed,
+epoch)`` only, so a resumed run draws the order of an uninterrupted one; an epoch resumed at batch ``start`` reads
+and drops the batches before it. The crops and flips come from numba's per-thread
 generators and are not reproducible.
 
 Validation: resize so that the center crop of ``val_crop_ratio`` × the short side becomes ``image_size``
@@ -37,7 +38,7 @@ from ffcv.reader import Reader
 from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
 from spartan.train.data.backends.ffcv import FFCVConfig
-from spartan.train.data.common import DataInfo, Loaders, check_batch_fits
+from spartan.train.data.common import DataInfo, Loaders, ReadAhead, check_batch_fits
 from spartan.train.data.ffcv_decoder import CropResizeDecoder
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from spartan.train.errors import ConfigError
@@ -118,6 +119,7 @@ def ffcv_loaders(config: FFCVConfig, *, rank: int, world: int, seed: int, device
             order=OrderOption.RANDOM if distributed else OrderOption.QUASI_RANDOM,
             pipelines=pipelines,
         )
+        train_loader = ReadAhead(train_loader)
         on_epoch = _epoch_setter(config, train_loader, decoder)
 
     info = DataInfo(config.num_classes, (3, config.image_size, config.image_size), train_size, val_size)
@@ -216,21 +218,24 @@ def _has_cupy() -> bool:
     return True
 
 
-def _epoch_setter(config: FFCVConfig, loader: Any, decoder: Any):
-    """``on_epoch(epoch)``: the epoch's resolution, and its order from ``(seed, epoch)`` only.
+def _epoch_setter(config: FFCVConfig, batches: ReadAhead, decoder: Any):
+    """``on_epoch(epoch, start)``: the epoch's resolution, its order from ``(seed, epoch)`` only, and its batches
+    from ``start`` on (the earlier ones read and dropped).
 
     FFCV draws epoch ``e``'s order from ``loader.next_epoch`` (incremented by each ``iter``). Its quasi-random
     order also shuffles a page → samples table in place each epoch, so the order would depend on every
     earlier epoch: the table is restored to its initial state before each epoch.
     """
+    loader = batches.batches
     order = loader.traversal_order
     table = getattr(order, "page_to_samples_array", None)
     pristine = table.copy() if table is not None else None
 
-    def on_epoch(epoch: int) -> None:
+    def on_epoch(epoch: int, start: int) -> None:
         res = config.epoch_resolution(epoch)
         decoder.output_size = (res, res)
         loader.next_epoch = epoch
+        batches.start = start
         if pristine is not None:
             order.page_to_samples_array[...] = pristine
 

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from spartan.train.data.backends.webdataset import WebDatasetConfig
-from spartan.train.data.common import DataInfo, Loaders, check_batch_fits, worker_options
+from spartan.train.data.common import DataInfo, Loaders, ReadAhead, check_batch_fits, worker_options
 from spartan.train.data.folders import UNREADABLE, skip_unreadable
 from spartan.train.data.transforms import train_transform, val_transform
 from spartan.train.errors import ConfigError
@@ -211,10 +211,10 @@ def webdataset_loaders(
     generator = torch.Generator()
     loader = DataLoader(stream, batch_size=config.batch_size, generator=generator, **workers)
 
-    def on_epoch(epoch: int) -> None:
-        stream.epoch = epoch
+    train_batches = ReadAhead(FixedBatches(loader, batches))
+
+    def on_epoch(epoch: int, start: int) -> None:
+        stream.epoch, train_batches.start = epoch, start
         generator.manual_seed(derive_seed(seed, "workers", rank, epoch))
 
-    return Loaders(
-        FixedBatches(loader, batches), val_loader, DataInfo(config.num_classes, shape, train_size, val_size), on_epoch
-    )
+    return Loaders(train_batches, val_loader, DataInfo(config.num_classes, shape, train_size, val_size), on_epoch)

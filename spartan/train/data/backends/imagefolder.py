@@ -51,6 +51,7 @@ def build_loaders(
         device=device,
         collate=skip_unreadable,
         repeats=config.repeated_augment,
+        augmenting=True,
     )
 
 
