@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from spartan.train import cli
@@ -29,6 +30,8 @@ def main(cfg: DictConfig) -> float | None:
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     overrides = list(hydra_config.overrides.task)
+    if hydra_config.mode == RunMode.MULTIRUN and cfg.logger.group is None:
+        cfg.logger.group = Path(hydra_config.sweep.dir).name  # a sweep's runs form one W&B group
     try:
         config = cli.to_dataclass(cfg)
         files = {
@@ -44,12 +47,12 @@ def main(cfg: DictConfig) -> float | None:
         cli.finish(ExitStatus.FINISHED, f"nothing to do: {done}", stream=sys.stdout)
         return None
     except Interrupted as stop:
-        stop.forward()  # submitit's handler requeues the job (and exits) here
-        cli.finish(
-            ExitStatus.INTERRUPTED,
+        cli.announce(
             f"stopped by {stop.signal_name} in epoch {stop.epoch} after step {stop.step}, checkpoint written; continue "
-            f"with: {cli.continue_command(overrides, run_dir)}",
+            f"with: {cli.continue_command(overrides, run_dir)}"
         )
+        stop.forward()  # submitit's handler requeues the job (and exits) here
+        cli.finish(ExitStatus.INTERRUPTED)
     if summary is None:  # trainer.stop_after_epochs (the loop logged where and how to continue)
         cli.finish(ExitStatus.STOPPED)
     return summary["val_top1"]  # the value a sweeper optimizes

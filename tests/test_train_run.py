@@ -88,8 +88,13 @@ def test_sweep_runs_one_job_per_value(tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    summaries = [json.loads((tmp_path / "sweep" / f"{k}_digits_spartan" / "summary.json").read_text()) for k in (0, 1)]
+    # Job directories are named by their overrides; the runs of one sweep share a W&B group (the sweep's name).
+    jobs = [
+        tmp_path / "sweep" / f"{k}_logger=none,schedule.epochs=1,sparsity.target={t}" for k, t in ((0, 0.5), (1, 0.8))
+    ]
+    summaries = [json.loads((job / "summary.json").read_text()) for job in jobs]
     assert [round(s["sparsity_all"], 4) for s in summaries] == [0.5, 0.8]
+    assert all("group: sweep" in (job / ".hydra" / "config.yaml").read_text() for job in jobs)
 
 
 def test_torchrun_two_processes_share_one_run_dir_and_masks(tmp_path):

@@ -18,6 +18,7 @@ from spartan.config import ConfigFieldError
 from spartan.train.distributed import (
     current_process,
     init_process_group,
+    launched_by_submitit,
     launched_by_torchrun,
     shared_timestamp,
     shutdown,
@@ -82,6 +83,12 @@ def _unknown_keys(cfg: DictConfig, path: str = "") -> Iterator[tuple[str, str]]:
             yield from _unknown_keys(node, f"{path}{key}.")
 
 
+def announce(message: str, *, stream: TextIO | None = None) -> None:
+    """Print one line on the main process (stderr unless ``stream``)."""
+    if current_process().is_main:
+        print(message, file=stream or sys.stderr, flush=True)
+
+
 def finish(status: int, message: str | None = None, *, stream: TextIO | None = None) -> None:
     """End the process with ``status`` (0: return to the caller), printing ``message`` on the main process (one
     line, stderr unless ``stream``). Under torchrun: leave the group and exit at once.
@@ -89,9 +96,9 @@ def finish(status: int, message: str | None = None, *, stream: TextIO | None = N
     gloo processes abort at interpreter exit in ~30% of runs after ``destroy_process_group()`` (torch 2.14,
     docs/design.md §6); exiting with ``os._exit`` after flushing skips that teardown.
     """
-    if message and current_process().is_main:
-        print(message, file=stream or sys.stderr, flush=True)
-    if launched_by_torchrun():
+    if message:
+        announce(message, stream=stream)
+    if launched_by_torchrun() and not launched_by_submitit():  # submitit's task leaves the group and writes results
         shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -23,7 +23,25 @@ class Process:
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this is one of several processes started by torchrun (or joined from a submitit job's tasks)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launched_by_submitit() -> bool:
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def export_submitit_environment() -> int:
+    """In a submitit task: torchrun's variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+    ``MASTER_ADDR`` = the job's first host, ``MASTER_PORT`` from the job id unless set) from submitit's job
+    environment, so that :func:`init_process_group` joins the job's tasks; returns the global rank. A one-task job
+    exports nothing. GPUs stay visible to every task (each takes ``cuda:LOCAL_RANK``)."""
+    import submitit
+
+    job = submitit.JobEnvironment()
+    if job.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return job.global_rank
 
 
 def init_process_group() -> Process:
@@ -31,6 +49,11 @@ def init_process_group() -> Process:
 
     The group serves CPU tensors with gloo and, where CUDA exists, CUDA tensors with NCCL, so it can be
     created before the config says which device trains (the run directory must be agreed on first).
+
+    After a restart (``torchrun --max-restarts``), the workers share the elastic agent's store with the attempt
+    before, whose keys are still there: gloo then reads a dead worker's address (``connectFullMesh ... Connection
+    refused``, or a hang) and NCCL an old unique id (pytorch/pytorch#135712). Each attempt therefore keys its
+    group under its own prefix (``TORCHELASTIC_RESTART_COUNT``).
     """
     if not launched_by_torchrun():
         return Process(0, 1, 0)
@@ -38,7 +61,12 @@ def init_process_group() -> Process:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(f"spartan/attempt_{attempt}", store), rank=rank, world_size=world
+        )
     return Process(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -63,6 +91,12 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     packed = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     return packed.tolist()
+
+
+def all_processes_reach_this_point() -> None:
+    """A barrier on CPU tensors (gloo); raises if a process left the group (e.g. after a failure)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(torch.zeros(1))
 
 
 def any_process(flags: list[float]) -> list[float]:
