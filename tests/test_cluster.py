@@ -253,3 +253,34 @@ def test_torchrun_restarts_after_rank_0_dies_recover_bitwise(tmp_path):
         got = torch.load(run_dir / "model_final.pt", weights_only=True)
         assert all(torch.equal(expected[k], got[k]) for k in expected), f"trial {trial} differs"
         assert "resumed from" in (run_dir / "train.log").read_text()
+
+
+def test_when_one_process_fails_the_others_fail_instead_of_hanging(tmp_path):
+    # What the launchers rely on: a failed process leaves the group at once, so the barrier the others reach at
+    # the end of the job (or their next collective) raises instead of waiting forever.
+    code = (
+        "import os, sys, torch.distributed as dist\n"
+        "from spartan.train.distributed import all_processes_reach_this_point, init_process_group, shutdown\n"
+        "init_process_group()\n"
+        "if dist.get_rank() == 1:\n"
+        "    shutdown(); os._exit(3)  # the failed rank\n"
+        "try:\n"
+        "    all_processes_reach_this_point()\n"
+        "except RuntimeError:\n"
+        "    os._exit(7)\n"
+        "os._exit(0)\n"
+    )
+    port = __import__("socket").socket()
+    port.bind(("127.0.0.1", 0))
+    env = {
+        **clean_env(tmp_path),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port.getsockname()[1]),
+        "WORLD_SIZE": "2",
+    }
+    port.close()
+    workers = [
+        subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(2)
+    ]
+    assert [w.wait(timeout=120) for w in workers] == [7, 3]

@@ -159,6 +159,18 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A run stopped after epoch 1 of 2 (what a requeued job continues)."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    train(
+        compose_train("logger=none", "schedule.epochs=2", "trainer.stop_after_epochs=1"),
+        run_dir,
+        files={".hydra/config.yaml": "name: digits_spartan\n"},
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("finished") / "run"
     train(
@@ -187,22 +199,22 @@ def finished_run(tmp_path_factory) -> Path:
         (["+model.kwargs.depth=3"], "model.kwargs={'depth': 3} rejected"),
     ],
 )
-def test_bad_input_is_one_error_line_and_leaves_the_run_dir_untouched(finished_run, overrides, message):
-    before = snapshot(finished_run)
-    # Continuing the finished run (resume=auto) with one bad value: caught before anything is written.
+def test_bad_input_is_one_error_line_and_leaves_the_run_dir_untouched(stopped_run, overrides, message):
+    before = snapshot(stopped_run)
+    # Continuing the stopped run (resume=auto) with one bad value: caught before anything is written.
     done = run_cli(
         "train.py",
         "logger=none",
-        "schedule.epochs=1",
-        f"hydra.run.dir={finished_run}",
+        "schedule.epochs=2",
+        f"hydra.run.dir={stopped_run}",
         "resume=auto",
         *overrides,
-        cwd=finished_run.parent,
+        cwd=stopped_run.parent,
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {done.stderr.strip()[7:]}"]  # exactly one line
     assert message in done.stderr
-    assert snapshot(finished_run) == before
+    assert snapshot(stopped_run) == before
 
 
 def test_a_fresh_start_does_not_overwrite_an_earlier_run(finished_run):
