@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spartan.train import cli
 from spartan.train.config import register
+from spartan.train.distributed import launched_by_submitit
 from spartan.train.errors import ConfigError
 from spartan.train.lifecycle import AlreadyFinished, ExitStatus, Interrupted
 from spartan.train.loop import train
@@ -48,13 +49,19 @@ def main(cfg: DictConfig) -> float | None:
         return None
     except Interrupted as stop:
         cli.announce(
-            f"stopped by {stop.signal_name} in epoch {stop.epoch} after step {stop.step}, checkpoint written; continue "
-            f"with: {cli.continue_command(overrides, run_dir)}"
+            f"stopped by {stop.signal_name} in epoch {stop.epoch} after step {stop.step}, checkpoint written; "
+            + (
+                "submitit requeues the job if Slurm asked for it"
+                if launched_by_submitit()
+                else f"continue with: {cli.continue_command(overrides, run_dir)}"
+            )
         )
         stop.forward()  # submitit's handler requeues the job (and exits) here
         cli.finish(ExitStatus.INTERRUPTED)
     if summary is None:  # trainer.stop_after_epochs (the loop logged where and how to continue)
-        cli.finish(ExitStatus.STOPPED)
+        if hydra_config.mode != RunMode.MULTIRUN:  # a sweep goes on with its next job
+            cli.finish(ExitStatus.STOPPED)
+        return None
     return summary["val_top1"]  # the value a sweeper optimizes
 
 

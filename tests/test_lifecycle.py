@@ -73,7 +73,7 @@ def test_a_signal_mid_epoch_checkpoints_and_the_resumed_run_is_bitwise_the_same(
     with pytest.raises(Interrupted) as stop:
         train(compose_train(*TINY), run_dir)
     assert signal.getsignal(signum) == before  # the handlers are put back
-    assert (stop.value.signum, stop.value.epoch, stop.value.step, stop.value.epoch_step) == (signum, 2, 30, 9)
+    assert (stop.value.signum, stop.value.epoch, stop.value.step) == (signum, 2, 30)
     state = Checkpoint.load(run_dir / LAST).state
     assert state["progress"]["epoch_step"] == 9 and len(state["within_epoch"]["ranks"]) == 1
     assert not (run_dir / "model_final.pt").exists()
@@ -262,18 +262,16 @@ class FakeWandbRun:
         self.logged.append(values["step"])
 
 
-def test_a_resumed_run_does_not_send_w_and_b_steps_it_already_sent(tmp_path):
-    logger = MetricLogger(
-        tmp_path, None, None, run_name="r", run_config={}, enabled=True, resumed=True, logged_until=20
-    )
+def test_a_resumed_run_does_not_send_w_and_b_records_it_already_sent(tmp_path):
+    logger = MetricLogger(tmp_path, None, None, run_name="r", run_config={}, enabled=True, resumed=True, already_sent=2)
     logger.wandb_run = FakeWandbRun()
-    for step in (15, 20, 21, 25):
+    for step in (21, 21, 25, 30):  # the last training record and the validation record share a step
         logger.log({"kind": "train", "loss": 1.0}, step=step)
-    assert logger.wandb_run.logged == [21, 25]
-    assert [r["step"] for r in records(tmp_path)] == [15, 20, 21, 25]  # metrics.jsonl gets them all back
+    assert logger.wandb_run.logged == [25, 30]
+    assert [r["step"] for r in records(tmp_path)] == [21, 21, 25, 30]  # metrics.jsonl gets them all back
 
 
-def test_resume_auto_measures_what_the_killed_job_had_logged(tmp_path, monkeypatch):
+def test_resume_auto_counts_what_the_killed_job_had_logged(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     optimizer_step = loop.Run.optimizer_step
 
@@ -284,18 +282,18 @@ def test_resume_auto_measures_what_the_killed_job_had_logged(tmp_path, monkeypat
 
     monkeypatch.setattr(loop.Run, "optimizer_step", crash_at_step_28)
     with pytest.raises(RuntimeError):
-        train(compose_train(*TINY), run_dir)  # logged steps 5 ... 25 of epoch 2 after the epoch-1 checkpoint
+        train(compose_train(*TINY), run_dir)  # after the epoch-1 checkpoint (step 21) it logged step 25
     monkeypatch.undo()
     seen = {}
     start = loop.MetricLogger.__init__
 
     def remember(self, *args, **kwargs):
-        seen["logged_until"] = kwargs["logged_until"]
+        seen["already_sent"] = kwargs["already_sent"]
         start(self, *args, **kwargs)
 
     monkeypatch.setattr(loop.MetricLogger, "__init__", remember)
     train(compose_train(*TINY, "resume=auto"), run_dir)
-    assert seen["logged_until"] == 25
+    assert seen["already_sent"] == 1
 
 
 def test_frozen_masks_are_stored_as_bits():
@@ -335,3 +333,25 @@ def test_time_based_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(loop.Run, "save_checkpoint", record)
     train(compose_train(*TINY, "trainer.checkpoint_every_minutes=1"), tmp_path / "run")
     assert written[:4] == [(6, True), (12, True), (18, True), (21, False)]  # then the epoch's own checkpoint
+
+
+def test_the_requeue_signal_wins_over_one_that_comes_with_it():
+    from spartan.train.lifecycle import StopSignals, precedence, signal_of
+
+    signals = StopSignals()
+    signals._record(signal.SIGTERM, None)
+    signals._record(signal.SIGUSR2, None)  # Slurm's warning after (or with) a SIGTERM
+    signals._record(signal.SIGTERM, None)
+    assert signals.received == signal.SIGUSR2
+    # over processes the largest precedence is agreed on: one rank's SIGUSR2 beats another's SIGTERM
+    assert signal_of(max(precedence(signal.SIGTERM), precedence(signal.SIGUSR2))) == signal.SIGUSR2
+    assert signal_of(precedence(None)) is None
+
+
+def test_a_stopped_job_does_not_end_its_sweep(tmp_path):
+    done = run_train(
+        "-m", "seed=0,1", *TINY, "trainer.stop_after_epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    jobs = sorted((tmp_path / "sweep").glob("*_*"))
+    assert len(jobs) == 2 and all(Checkpoint.load(job / LAST).state["epoch"] == 1 for job in jobs)

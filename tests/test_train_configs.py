@@ -224,3 +224,12 @@ def test_group_options_do_not_repeat_their_schema_defaults():
         for key, value in values.items():
             default = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
             assert value != default, f"{path.relative_to(ROOT)}: {key}: {value!r} repeats the schema's default"
+
+
+def test_sweep_job_directories_are_named_by_their_overrides_and_fit_a_file_name():
+    from spartan.train.config import job_dirname
+
+    assert job_dirname("seed=0,sparsity.target=0.9") == "seed=0,sparsity.target=0.9"
+    long = ",".join(f"sparsity.beta_final={k}" for k in range(40))
+    name = job_dirname(long)
+    assert len(name) == 160 and name != job_dirname(long + "0") and name.startswith(long[:100])

@@ -217,6 +217,23 @@ def test_bad_input_is_one_error_line_and_leaves_the_run_dir_untouched(stopped_ru
     assert snapshot(stopped_run) == before
 
 
+def test_continuing_a_finished_run_with_another_config_is_refused(finished_run):
+    before = snapshot(finished_run)
+    done = run_cli(
+        "train.py",
+        "logger=none",
+        "schedule.epochs=1",
+        "sparsity.target=0.8",
+        "resume=auto",
+        f"hydra.run.dir={finished_run}",
+        cwd=finished_run.parent,
+    )
+    assert (
+        done.returncode == 2 and "was trained with sparsity.target=0.9, this run has sparsity.target=0.8" in done.stderr
+    )
+    assert snapshot(finished_run) == before
+
+
 def test_a_fresh_start_does_not_overwrite_an_earlier_run(finished_run):
     before = snapshot(finished_run)
     done = run_cli(

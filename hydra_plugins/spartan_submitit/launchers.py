@@ -49,7 +49,7 @@ class _DistributedJob:
 
     def checkpoint(self, sweep_overrides: list[str], *args: Any) -> Any:
         """The requeued job: the same run, continued from its last checkpoint."""
-        kept = [o for o in sweep_overrides if not o.startswith(("resume=", "+resume="))]
+        kept = [o for o in sweep_overrides if not o.startswith("resume=")]
         return super().checkpoint([*kept, "resume=auto"], *args)
 
 

@@ -129,14 +129,8 @@ class Checkpoint:
         self, train_config: dict[str, Any], amp_dtype: torch.dtype | None, trainer_amp: str, steps_per_epoch: int
     ) -> None:
         """A :class:`ConfigError` naming the first key in which this run differs from the checkpoint's, if any."""
-        saved, where = self.state["train_config"], self.path
-        for section in RESUME_MUST_MATCH:
-            if saved[section] != train_config[section]:
-                key, before, now = first_difference(saved[section], train_config[section], section)
-                raise ConfigError(
-                    f"resume: {where} was trained with {key}={before!r}, this run has {key}={now!r} (resume with "
-                    f"the same value, or start a new run)"
-                )
+        self.check_config(train_config)
+        where = self.path
         if self.state["amp"] != str(amp_dtype):
             raise ConfigError(
                 f"resume: {where} was trained with autocast dtype {self.state['amp']}, trainer.amp={trainer_amp} "
@@ -147,6 +141,17 @@ class Checkpoint:
                 f"resume: {where} has {self.state['steps_per_epoch']} steps per epoch, this run {steps_per_epoch} "
                 f"(keep data.batch_size × processes × trainer.accumulate)"
             )
+
+    def check_config(self, train_config: dict[str, Any]) -> None:
+        """The config sections a resumed run must share (:data:`RESUME_MUST_MATCH`), compared with this one's."""
+        saved = self.state["train_config"]
+        for section in RESUME_MUST_MATCH:
+            if saved[section] != train_config[section]:
+                key, before, now = first_difference(saved[section], train_config[section], section)
+                raise ConfigError(
+                    f"resume: {self.path} was trained with {key}={before!r}, this run has {key}={now!r} (resume "
+                    f"with the same value, or start a new run)"
+                )
 
     def restore(
         self,

@@ -18,8 +18,8 @@ from spartan.config import ConfigFieldError
 from spartan.train.distributed import (
     current_process,
     init_process_group,
+    launched_as_ranks,
     launched_by_submitit,
-    launched_by_torchrun,
     shared_timestamp,
     shutdown,
 )
@@ -33,7 +33,7 @@ def prepare_torchrun(argv: list[str]) -> list[str]:
     Each rank composes its own config; ``${now:...}`` would differ by a second between ranks, so rank 0's
     timestamp is shared through ``SPARTAN_RUN_STAMP`` (read by ``hydra.run.dir`` in ``configs/train.yaml``).
     """
-    if not launched_by_torchrun():
+    if not launched_as_ranks():
         return argv
     if any(arg in ("-m", "--multirun") for arg in argv):
         finish(
@@ -98,7 +98,7 @@ def finish(status: int, message: str | None = None, *, stream: TextIO | None = N
     """
     if message:
         announce(message, stream=stream)
-    if launched_by_torchrun() and not launched_by_submitit():  # submitit's task leaves the group and writes results
+    if launched_as_ranks() and not launched_by_submitit():  # submitit's task leaves the group and writes results
         shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -10,11 +10,12 @@ OmegaConf's ``MISSING``): the entry points register the schemas (:func:`register
 
 from __future__ import annotations
 
+import hashlib
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from spartan.config import SparsityConfig
 from spartan.train.data import DataConfig, all_backends
@@ -206,10 +207,19 @@ class EvalConfig:
             raise ConfigError("eval needs run_dir=<a training run directory> or checkpoint=<a .pt file>")
 
 
+def job_dirname(overrides: str, limit: int = 160) -> str:
+    """A sweep job's directory name from its overrides (``hydra.job.override_dirname``), shortened with a hash when
+    too long for a file name."""
+    if len(overrides) <= limit:
+        return overrides
+    return f"{overrides[: limit - 9]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
 def register(store: Any) -> None:
     """Register the schemas with a Hydra ``ConfigStore``: ``train_schema`` / ``eval_schema`` (which ``train.yaml`` /
     ``eval.yaml`` list first) and ``data/<name>_schema`` for every backend (which ``configs/data/<name>.yaml``
-    lists first, so a key of another backend fails at composition)."""
+    lists first, so a key of another backend fails at composition); and the ``job_dirname`` resolver."""
+    OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="eval_schema", node=EvalConfig)
     for name, backend in all_backends().items():

@@ -22,8 +22,9 @@ class Process:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
-    """Whether this is one of several processes started by torchrun (or joined from a submitit job's tasks)."""
+def launched_as_ranks() -> bool:
+    """Whether this is one of several processes of one run: started by torchrun, or a submitit job's task after
+    :func:`export_submitit_environment`."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -55,7 +56,7 @@ def init_process_group() -> Process:
     refused``, or a hang) and NCCL an old unique id (pytorch/pytorch#135712). Each attempt therefore keys its
     group under its own prefix (``TORCHELASTIC_RESTART_COUNT``).
     """
-    if not launched_by_torchrun():
+    if not launched_as_ranks():
         return Process(0, 1, 0)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():

@@ -18,6 +18,7 @@ from spartan.train.data import build_loaders
 from spartan.train.device import autocast, memory_format, resolve_amp, resolve_device
 from spartan.train.distributed import all_reduce_sum, current_process
 from spartan.train.errors import ConfigError
+from spartan.train.files import atomic_write_text
 from spartan.train.models import build_model
 from spartan.train.seeding import seed_everything
 
@@ -135,7 +136,7 @@ def evaluate_run(config: TrainConfig, run_dir: Path, weights: Path) -> dict[str,
         "data": dataclasses.asdict(config.data),
     }
     if process.is_main:
-        (run_dir / "eval.json").write_text(json.dumps(result, indent=2, default=list) + "\n")
+        atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2, default=list) + "\n")
     return result
 
 

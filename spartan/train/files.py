@@ -56,9 +56,9 @@ def _write_atomically(path: Path, write: Callable[[Path], Any], nbytes: int) -> 
     try:
         write(tmp)
         os.replace(tmp, path)
-    except Exception as err:
+    except BaseException as err:  # also a second Ctrl-C during the write: no half-written file is left
         tmp.unlink(missing_ok=True)
-        error = _write_error(path, err, nbytes)
+        error = _write_error(path, err, nbytes) if isinstance(err, Exception) else None
         if error is None:
             raise
         raise error from err
@@ -67,9 +67,10 @@ def _write_atomically(path: Path, write: Callable[[Path], Any], nbytes: int) -> 
 def _write_error(path: Path, err: Exception, nbytes: int) -> RunError | None:
     """A one-line error for a write that failed for lack of space (torch's writer reports it only as a failed
     stream position, so the free space decides), else None."""
+    code = getattr(err, "errno", None)
     free = shutil.disk_usage(path.parent).free
-    if getattr(err, "errno", None) != errno.ENOSPC and free >= nbytes:
-        return None
+    if code is not None and code != errno.ENOSPC or code is None and free >= nbytes:
+        return None  # another failure (e.g. permissions): raised as it is
     previous = f"; the previous {path.name} is intact" if path.exists() else ""
     return RunError(
         f"no space left on the device holding {path.parent}: writing {path.name} needs about "

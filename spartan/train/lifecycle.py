@@ -4,20 +4,22 @@ A signal (Slurm's preemption / time-limit warning SIGUSR1 or SIGUSR2 — submiti
 SIGINT) only records that a stop was asked for; the training loop checks at every optimizer-step boundary (all
 processes agree with one collective), writes a checkpoint there, mid-epoch if need be, and raises
 :class:`Interrupted`. The entry point then hands the signal to the handler that was installed before (submitit's
-requeues the job) or exits with :attr:`ExitStatus.INTERRUPTED`.
+requeues the job) or exits with :attr:`ExitStatus.INTERRUPTED`. When processes received different signals, the one
+earliest in :data:`STOP_SIGNALS` wins (SIGUSR2, which requeues under submitit, over a SIGTERM that may come with it).
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import signal
-import sys
 from types import FrameType
 from typing import Any
 
 STOP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT") if hasattr(signal, name)
+    getattr(signal, name) for name in ("SIGUSR2", "SIGUSR1", "SIGTERM", "SIGINT") if hasattr(signal, name)
 )
+"""The signals that stop a run, in order of precedence."""
 
 
 class ExitStatus(enum.IntEnum):
@@ -39,13 +41,13 @@ class AlreadyFinished(Exception):
 
 
 class Interrupted(Exception):
-    """The loop stopped for signal ``signum`` in ``epoch`` (1-based) after optimizer step ``step`` (``epoch_step``
-    of them in this epoch), after writing a checkpoint; ``previous`` is the handler installed before ours."""
+    """The loop stopped for signal ``signum`` in ``epoch`` (1-based) after optimizer step ``step``, after writing a
+    checkpoint; ``previous`` is the handler installed before ours."""
 
-    def __init__(self, signum: int, epoch: int, step: int, epoch_step: int, previous: Any = None):
+    def __init__(self, signum: int, epoch: int, step: int, previous: Any = None):
         self.signal_name = signal.Signals(signum).name
         super().__init__(f"{self.signal_name} in epoch {epoch}, after step {step}")
-        self.signum, self.epoch, self.step, self.epoch_step, self.previous = signum, epoch, step, epoch_step, previous
+        self.signum, self.epoch, self.step, self.previous = signum, epoch, step, previous
 
     def forward(self) -> None:
         """Hand the signal to the previous handler if it was a Python function (submitit's requeues the job and
@@ -60,7 +62,7 @@ class StopSignals:
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signals = signals
-        self.received: int | None = None
+        self.received: int | None = None  # the received signal of highest precedence
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -74,16 +76,26 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            self.received = signum
-            print(
-                f"spartan: {signal.Signals(signum).name} received: stopping at the next step boundary with a "
-                f"checkpoint{' (Ctrl-C again: stop at once, without one)' if signum == signal.SIGINT else ''}",
-                file=sys.stderr,
-                flush=True,
-            )
-        elif signum == signal.SIGINT:
+        if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt
+        first = self.received is None
+        if first or precedence(signum) > precedence(self.received):
+            self.received = signum
+        if first:  # os.write: print() could re-enter a stderr write the signal interrupted
+            again = " (Ctrl-C again: stop at once, without one)" if signum == signal.SIGINT else ""
+            name = signal.Signals(signum).name
+            os.write(
+                2, f"spartan: {name} received: stopping at the next step boundary with a checkpoint{again}\n".encode()
+            )
+
+
+def precedence(signum: int | None) -> int:
+    """A number that orders stop signals (0: none); the loop agrees on the largest over processes."""
+    return 0 if signum is None else len(STOP_SIGNALS) - STOP_SIGNALS.index(signum)
+
+
+def signal_of(precedence_value: int) -> int | None:
+    return None if precedence_value == 0 else STOP_SIGNALS[len(STOP_SIGNALS) - precedence_value]
 
 
 def ignore_stop_signals(*_: Any) -> None:

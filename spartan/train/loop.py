@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -40,7 +41,7 @@ from spartan.train.distributed import (
 from spartan.train.errors import ConfigError
 from spartan.train.evaluation import evaluate, sparsity_fields
 from spartan.train.files import atomic_save, atomic_write_text
-from spartan.train.lifecycle import AlreadyFinished, Interrupted, StopSignals
+from spartan.train.lifecycle import AlreadyFinished, Interrupted, StopSignals, precedence, signal_of
 from spartan.train.models import build_model, build_sparsifier
 from spartan.train.optim import build_lr_schedule, build_optimizer, peak_lr
 from spartan.train.provenance import environment, git_version
@@ -77,6 +78,8 @@ class Run:
         self.process = current_process()
         self.is_main = self.process.is_main
         if config.resume == "auto" and broadcast_flag(self.is_main and finished(self.run_dir)):
+            if (self.run_dir / LAST).is_file():  # the same run, or another one in the same directory?
+                Checkpoint.load(self.run_dir / LAST).check_config(dataclasses.asdict(config))
             raise AlreadyFinished(f"{self.run_dir} holds a finished run (model_final.pt, summary.json)")
         trainer = config.trainer
         self.device = resolve_device(trainer.device, self.process)
@@ -147,11 +150,11 @@ class Run:
 
     def start(self) -> None:
         """Write the run directory (main process), start the metric logger, compile and wrap for DDP."""
-        logged_until = 0
+        already_sent = 0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.config.resume == "auto":  # drop what a killed job logged after its last checkpoint
-                logged_until = truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
+                already_sent = truncate_metrics(self.run_dir / "metrics.jsonl", self.progress.step)
             for name, text in self.files.items():
                 atomic_write_text(self.run_dir / name, text)
         self.metrics = MetricLogger(
@@ -162,7 +165,7 @@ class Run:
             run_config=self.run_config,
             enabled=self.is_main,
             resumed=self.config.resume == "auto",
-            logged_until=logged_until,
+            already_sent=already_sent,
         )
         # Compile, then DDP: mask updates (sparsifier.step()) stay outside the compiled region.
         self.compiled = torch.compile(self.model) if self.config.trainer.compile else self.model
@@ -179,17 +182,16 @@ class Run:
         """Train the remaining epochs; False if ``trainer.stop_after_epochs`` ended this job early."""
         epochs = self.config.schedule.epochs
         trainer = self.config.trainer
-        first = self.progress.epoch
-        for epoch in range(first, epochs):
+        self.first_epoch = self.progress.epoch
+        for epoch in range(self.first_epoch, epochs):
             self.train_epoch(epoch)
             self.progress.epoch, self.progress.epoch_step = epoch + 1, 0
             last = epoch + 1 == epochs
             if (epoch + 1) % trainer.eval_every == 0 and not last:  # the last epoch is validated after finalize()
                 self.validate(epoch + 1, "val")
-            stop = trainer.stop_after_epochs is not None and epoch + 1 - first >= trainer.stop_after_epochs
-            if (epoch + 1) % trainer.checkpoint_every == 0 or last or stop:
+            if self._checkpoints_after(epoch):
                 self.save_checkpoint()
-            if stop and not last:
+            if self._stops_after(epoch) and not last:
                 if self.is_main:
                     log.info(
                         f"stopped after epoch {epoch + 1} (trainer.stop_after_epochs={trainer.stop_after_epochs}, "
@@ -197,6 +199,20 @@ class Run:
                     )
                 return False
         return True
+
+    def _stops_after(self, epoch: int) -> bool:
+        """Whether ``trainer.stop_after_epochs`` ends this job after ``epoch``."""
+        limit = self.config.trainer.stop_after_epochs
+        return limit is not None and epoch + 1 - self.first_epoch >= limit
+
+    def _checkpoints_after(self, epoch: int) -> bool:
+        """Whether the end of ``epoch`` writes a checkpoint (``trainer.checkpoint_every``, the last epoch, a stop)."""
+        done = epoch + 1
+        return (
+            done % self.config.trainer.checkpoint_every == 0
+            or done == self.config.schedule.epochs
+            or self._stops_after(epoch)
+        )
 
     def train_epoch(self, epoch: int) -> None:
         trainer = self.config.trainer
@@ -241,9 +257,8 @@ class Run:
             telemetry = self.optimizer_step()
             self.progress.epoch_step += 1
             self.progress.images += self.global_batch
-            window["steps"] += 1
             bar.update(1)
-            if self.progress.step % trainer.log_every == 0 or window["steps"] == self.steps_per_epoch:
+            if self.progress.step % trainer.log_every == 0 or self.progress.epoch_step == self.steps_per_epoch:
                 self._log_train(epoch, window, telemetry, bar)
             now = time.perf_counter()
             self.progress.train_seconds += now - clock
@@ -272,7 +287,7 @@ class Run:
         zero = torch.zeros((), device=self.device)
         if resumed is None:
             seed_everything(derive_seed(self.config.seed, "process", self.process.rank, epoch))
-            self.window = {"loss": zero, "correct": zero.clone(), "samples": 0, "steps": 0, "skipped": 0}
+            self.window = {"loss": zero, "correct": zero.clone(), "samples": 0, "skipped": 0}
         else:
             set_rng_state(resumed["rng"])
             saved = resumed["window"]
@@ -287,15 +302,16 @@ class Run:
         due = bool(trainer.checkpoint_every_steps) and self.progress.step % trainer.checkpoint_every_steps == 0
         if trainer.checkpoint_every_minutes is not None:
             due = due or time.monotonic() - self.last_checkpoint >= 60 * trainer.checkpoint_every_minutes
-        received = self.signals.received if self.signals is not None and self.signals.received else 0
+        received = precedence(self.signals.received) if self.signals is not None else 0
         if self.process.world > 1:
             received, due = any_process([received, float(due)])
-        signum = int(received)
-        if signum:
+        signum = signal_of(int(received))
+        if signum is not None:
             self.save_checkpoint(within_epoch=True)
             previous = self.signals.previous.get(signum) if self.signals is not None else None
-            raise Interrupted(signum, epoch + 1, self.progress.step, self.progress.epoch_step, previous)
-        if due and self.progress.epoch_step < self.steps_per_epoch:  # the epoch's end makes its own checkpoint
+            raise Interrupted(signum, epoch + 1, self.progress.step, previous)
+        epoch_done = self.progress.epoch_step == self.steps_per_epoch
+        if due and not (epoch_done and self._checkpoints_after(epoch)):  # else the epoch's end writes one
             self.save_checkpoint(within_epoch=True)
 
     def optimizer_step(self) -> dict[str, Any]:
@@ -442,7 +458,7 @@ class Run:
         }
         if self.is_main:
             atomic_save(model.state_dict(), self.run_dir / "model_final.pt")
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.metrics.summary(summary)
         return summary
 
@@ -492,25 +508,29 @@ def train(
     config: TrainConfig, run_dir: Path, *, files: dict[str, str] | None = None, run_config: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """Train ``config`` into ``run_dir``; return the summary (also in ``summary.json``), None if
-    ``trainer.stop_after_epochs`` ended it early. A stop signal ends it at the next step boundary with a checkpoint
-    and :class:`~spartan.train.lifecycle.Interrupted` (handlers are installed in the main thread only)."""
+    ``trainer.stop_after_epochs`` ended it early. A stop signal during training ends it at the next step boundary
+    with a checkpoint and :class:`~spartan.train.lifecycle.Interrupted` (handlers are installed in the main thread
+    only); one that arrives after the last step goes to the handler installed before, once training is done."""
     run = Run(config, run_dir, files=files, run_config=run_config)
     failed = True
     in_main_thread = threading.current_thread() is threading.main_thread()
-    with StopSignals() if in_main_thread else contextlib.nullcontext() as signals:
-        run.signals = signals
-        try:
+    try:
+        with StopSignals() if in_main_thread else contextlib.nullcontext() as signals:
+            run.signals = signals
             run.start()
-            if not run.fit():
-                failed = False
-                return None
+            completed = run.fit()
+        if signals is not None and signals.received is not None:
+            signal.raise_signal(signals.received)  # e.g. submitit's requeue: the last epoch is checkpointed
+        if completed:
             summary = run.finish()
-            failed = False
-        except Interrupted:
-            failed = False  # checkpointed: the W&B run is not a failure, the job continues later
-            raise
-        finally:
-            run.close(failed)
+        failed = False
+    except Interrupted:
+        failed = False  # checkpointed: the W&B run is not a failure, the job continues later
+        raise
+    finally:
+        run.close(failed)
+    if not completed:
+        return None
     if run.is_main:
         log.info(format_summary(summary, Path(run_dir), run.metrics.wandb_note))
     return summary

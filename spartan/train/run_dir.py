@@ -38,13 +38,14 @@ def check_fresh_run_dir(run_dir: Path) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> int:
-    """Drop records logged after ``step`` (what a killed run logged after its last checkpoint); return the last
-    step the file held (0 if none): what the metric logger had already sent on."""
+    """Drop the records logged after ``step`` (what a killed run logged after its last checkpoint); return how
+    many: the resumed run logs them again, identically, and the metric logger had already sent them on."""
     if not path.is_file():
         return 0
     lines = [(json.loads(line)["step"], line) for line in path.read_text().splitlines()]
-    atomic_write_text(path, "".join(line + "\n" for logged, line in lines if logged <= step))
-    return max((logged for logged, _ in lines), default=0)
+    kept = [line for logged, line in lines if logged <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 def finished(run_dir: Path) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 from spartan.train.config import LoggerConfig
 from spartan.train.errors import ConfigError
-from spartan.train.files import append_line
+from spartan.train.files import append_line, atomic_write_text
 
 log = logging.getLogger("spartan.train")
 
@@ -30,9 +30,9 @@ WANDB_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 class MetricLogger:
     """``log(record)`` appends one JSON line (and logs to W&B); ``close()`` ends the W&B run.
 
-    A run resumed in its own directory continues its W&B run; ``logged_until`` is the last step the interrupted
-    job had logged, which W&B already holds: those steps are not sent again (a resumed run recomputes them
-    bitwise, so ``metrics.jsonl`` gets them back and W&B keeps the first copy).
+    A run resumed in its own directory continues its W&B run. The killed job had sent ``already_sent`` records past
+    its last checkpoint, which the resumed run logs again, bitwise the same: ``metrics.jsonl`` gets them back, W&B
+    keeps its first copy (they are not sent twice).
     """
 
     def __init__(
@@ -45,10 +45,10 @@ class MetricLogger:
         run_config: dict[str, Any],
         enabled: bool,
         resumed: bool,
-        logged_until: int = 0,
+        already_sent: int = 0,
     ):
         self.enabled = enabled
-        self.logged_until = logged_until
+        self.already_sent = already_sent
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         self.wandb_note = None
@@ -59,7 +59,7 @@ class MetricLogger:
         if not self.enabled:
             return
         self._append({**record, "step": step})
-        if self.wandb_run is not None and step > self.logged_until:
+        if self._send():
             kind = record.get("kind", "train")
             values = {
                 f"{kind}/{k}": v
@@ -73,12 +73,19 @@ class MetricLogger:
         if not self.enabled:
             return
         self._append({"kind": "layers", "epoch": epoch, "layers": rows, "step": step})
-        if self.wandb_run is not None and step > self.logged_until:
+        if self._send():
             import wandb
 
             columns = ["name", "params", "params_kept", "density", "density_target"]
             table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
             self.wandb_run.log({"layers/densities": table, "step": step})
+
+    def _send(self) -> bool:
+        """Whether this record goes to W&B (not a repeat of one the killed job sent)."""
+        if self.already_sent:
+            self.already_sent -= 1
+            return False
+        return self.wandb_run is not None
 
     def _append(self, record: dict[str, Any]) -> None:
         append_line(self.path, json.dumps(record, default=_jsonable))
@@ -152,7 +159,7 @@ def _start_wandb(
             note = _offline_note("no API key configured", run_dir)
     id_file = run_dir / "wandb_id"  # a resumed run continues the same W&B run
     run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
+    atomic_write_text(id_file, run_id)
     kwargs = dict(
         project=config.project,
         entity=config.entity,
@@ -171,7 +178,7 @@ def _start_wandb(
             raise
         note = _offline_note(f"online start failed: {type(err).__name__}", run_dir)
         kwargs["id"] = uuid.uuid4().hex[:12]  # W&B's service still holds the failed run's id
-        id_file.write_text(kwargs["id"])
+        atomic_write_text(id_file, kwargs["id"])
         run = wandb.init(mode="offline", settings=wandb.Settings(quiet=True), **kwargs)
     if mode == "online" and note is None:
         note = run.url

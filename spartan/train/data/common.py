@@ -210,6 +210,8 @@ class ReadAhead:
         return len(self.batches)
 
     def __iter__(self) -> Iterator:
+        if self.start >= len(self.batches):  # stopped after the epoch's last step: nothing left to read
+            return
         iterator = iter(self.batches)
         for _ in range(self.start):
             next(iterator)
