@@ -56,6 +56,18 @@ def signal_at_step(monkeypatch, step: int, signum: int) -> None:
     monkeypatch.setattr(loop.Run, "optimizer_step", stepping)
 
 
+def crash_after_step(monkeypatch, step: int) -> None:
+    """The process dies (as a killed node would) when it is about to take the step after ``step``."""
+    optimizer_step = loop.Run.optimizer_step
+
+    def stepping(self):
+        if self.progress.step == step:
+            raise RuntimeError("the node went down")
+        return optimizer_step(self)
+
+    monkeypatch.setattr(loop.Run, "optimizer_step", stepping)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
@@ -109,14 +121,7 @@ def test_an_image_folder_read_by_two_augmenting_workers_resumes_mid_epoch_bitwis
 
 def test_periodic_checkpoints_within_an_epoch_survive_a_crash(straight, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    optimizer_step = loop.Run.optimizer_step
-
-    def crash_at_step_33(self):
-        if self.progress.step == 33:
-            raise RuntimeError("the node went down")
-        return optimizer_step(self)
-
-    monkeypatch.setattr(loop.Run, "optimizer_step", crash_at_step_33)
+    crash_after_step(monkeypatch, 33)
     with pytest.raises(RuntimeError, match="the node went down"):
         train(compose_train(*TINY, "trainer.checkpoint_every_steps=4"), run_dir)
     assert Checkpoint.load(run_dir / LAST).state["progress"]["step"] == 32  # the last multiple of 4 before it
@@ -273,14 +278,7 @@ def test_a_resumed_run_does_not_send_w_and_b_records_it_already_sent(tmp_path):
 
 def test_resume_auto_counts_what_the_killed_job_had_logged(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    optimizer_step = loop.Run.optimizer_step
-
-    def crash_at_step_28(self):
-        if self.progress.step == 28:
-            raise RuntimeError("killed")
-        return optimizer_step(self)
-
-    monkeypatch.setattr(loop.Run, "optimizer_step", crash_at_step_28)
+    crash_after_step(monkeypatch, 28)
     with pytest.raises(RuntimeError):
         train(compose_train(*TINY), run_dir)  # after the epoch-1 checkpoint (step 21) it logged step 25
     monkeypatch.undo()
