@@ -94,12 +94,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return packed.tolist()
 
 
-def all_processes_reach_this_point() -> None:
-    """A barrier on CPU tensors (gloo); raises if a process left the group (e.g. after a failure)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(torch.zeros(1))
-
-
 def any_process(flags: list[float]) -> list[float]:
     """The largest value of each of ``flags`` over processes (a CPU tensor through gloo: no device sync)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -107,6 +101,11 @@ def any_process(flags: list[float]) -> list[float]:
     packed = torch.tensor(flags, dtype=torch.float64)
     dist.all_reduce(packed, op=dist.ReduceOp.MAX)
     return packed.tolist()
+
+
+def all_processes_reach_this_point() -> None:
+    """A barrier (one :func:`any_process` collective); raises if a process left the group (e.g. after a failure)."""
+    any_process([0.0])
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:

@@ -57,12 +57,13 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """Records the first stop signal instead of dying; a context manager that restores the previous handlers
-    (kept in ``previous``). ``received`` is the signal number or None; a second Ctrl-C stops at once."""
+    """Records stop signals instead of dying; a context manager that restores the previous handlers (kept in
+    ``previous``). ``received`` is the received signal of highest precedence or None; a second Ctrl-C stops at
+    once."""
 
     def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS):
         self.signals = signals
-        self.received: int | None = None  # the received signal of highest precedence
+        self.received: int | None = None
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:

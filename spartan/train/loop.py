@@ -284,16 +284,21 @@ class Run:
     def _begin_epoch(self, epoch: int, resumed: dict[str, Any] | None) -> None:
         """The epoch's randomness and accumulators: derived from ``(seed, rank, epoch)`` at its start, or restored
         as a mid-epoch checkpoint saved them (``resumed``)."""
-        zero = torch.zeros((), device=self.device)
         if resumed is None:
             seed_everything(derive_seed(self.config.seed, "process", self.process.rank, epoch))
-            self.window = {"loss": zero, "correct": zero.clone(), "samples": 0, "skipped": 0}
+            self.window = {"skipped": 0}
+            self._restart_window()
         else:
             set_rng_state(resumed["rng"])
             saved = resumed["window"]
             self.window = {**saved, "loss": saved["loss"].to(self.device), "correct": saved["correct"].to(self.device)}
+            self.window["start"] = time.perf_counter()
             self.last_train = resumed["last_train"]
-        self.window["start"] = time.perf_counter()
+
+    def _restart_window(self) -> None:
+        """Zero the loss, accuracy and sample counts the next training log line averages over."""
+        zero = torch.zeros((), device=self.device)
+        self.window.update(loss=zero, correct=zero.clone(), samples=0, start=time.perf_counter())
 
     def _checkpoint_or_stop(self, epoch: int) -> None:
         """After a step: a checkpoint when ``trainer.checkpoint_every_steps`` / ``_minutes`` say so, or when a stop
@@ -363,12 +368,7 @@ class Run:
                 f"{100 * record['sparsity_all']:.2f}% (target {100 * record['sparsity_target']:.2f}%), "
                 f"ETA {datetime.timedelta(seconds=round(remaining))}"
             )
-        window.update(
-            loss=torch.zeros((), device=self.device),
-            correct=torch.zeros((), device=self.device),
-            samples=0,
-            start=time.perf_counter(),
-        )
+        self._restart_window()
 
     # ------------------------------------------------------------------------------------------ validation
 
