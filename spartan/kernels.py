@@ -15,13 +15,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-COMPILE_MIN_NUMEL = 1 << 18
+COMPILE_MIN_NUMEL = 1 << 17
 """Inputs with at least this many entries use the compiled kernels (when compilation is enabled)."""
 
 EAGER_CHUNK = 1 << 20
-"""Entries per chunk on the eager path: bounds its temporaries to a few MB."""
+"""Entries per chunk on the eager path on the CPU: bounds its temporaries to a few MB."""
+
+EAGER_CHUNK_CUDA = 1 << 24
+"""Entries per chunk on the eager path on CUDA: a few launches per pass, temporaries of tens of MB."""
 
 _compile_enabled = os.environ.get("SPARTAN_COMPILE", "1") != "0"
+_fallback_reason = "" if _compile_enabled else "turned off (SPARTAN_COMPILE=0 or kernels.set_compile(False))"
 _compiled: dict[Callable, Callable] = {}
 
 
@@ -30,75 +34,138 @@ def soft_mask_pass(
 ) -> tuple[Tensor, Tensor]:
     """Write ``m = sigmoid(beta * (u - lam))`` into ``out``.
 
-    Returns ``[Σ c·m, Σ c·s, Σ c·s·(1 − 2m), Σ (u − u)]`` and ``[max s]`` with ``s = m(1 − m)``: the
-    budget residual's value and first two derivatives (up to powers of ``-beta``) and a validity check.
+    Returns ``[Σ c·m, Σ c·s, Σ c·s·(1 − 2m), Σ (u − u), Σ c·s·(u − λ)]`` and ``[max s]`` with ``s = m(1 − m)``:
+    the budget residual's value and first two derivatives in λ (up to powers of ``-beta``), a validity check,
+    and the residual's derivative in β (to predict the next step's λ).
 
     ``lam = lam_hi + lam_lo`` is split in two floats of ``u``'s dtype so that ``u − lam`` keeps
     float64 accuracy in float32 arithmetic (``u − lam_hi`` is exact near the threshold, where it
     matters). ``Σ (u − u)`` is NaN exactly when some entry is not finite, and 0 otherwise.
     """
-    m = torch.sigmoid(((u - lam_hi) - lam_lo) * beta)
+    x = (u - lam_hi) - lam_lo
+    m = torch.sigmoid(x * beta)
     out.copy_(m)
     s = m * (1 - m)
     curve = s * (1 - 2 * m)
-    if costs is None:
-        mass, slope, curvature = m.double(), s.double(), curve.double()
+    moment = s * x
+    terms = (m, s, curve, moment)
+    if costs is None:  # sums accumulate in float64 without float64 copies
+        mass, slope, curvature, moment = (t.sum(dtype=torch.float64) for t in terms)
     else:
         c = costs.double()
-        mass, slope, curvature = m.double() * c, s.double() * c, curve.double() * c
-    sums = torch.stack([mass.sum(), slope.sum(), curvature.sum(), (u - u).sum().double()])
+        mass, slope, curvature, moment = ((t.double() * c).sum() for t in terms)
+    sums = torch.stack([mass, slope, curvature, (u - u).sum().double(), moment])
     return sums, s.amax().double().reshape(1)
 
 
 def band_pass(u: Tensor, costs: Tensor | None, flags: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Set ``flags`` (uint8) to 1 where ``lo <= u < hi``.
+    """Set ``flags`` (uint8) to 1 where ``lo <= u < hi``, 2 where ``u >= hi``, 0 below.
 
     Returns ``[cost of u >= hi, cost in band, Σ (u − u)]`` and no maxima; costs are counts without ``costs``.
+    Written for Inductor: ``where`` into uint8 and int32 sums vectorize in its C++ code (bool stores and
+    ``sum(dtype=...)`` of bools do not: 10× slower); :func:`_band_pass_eager` is the same for eager chunks.
     """
-    inside = (u >= lo) & (u < hi)
-    # uint8 rather than bool: Inductor's C++ backend does not vectorize bool stores (8x slower here).
-    inside_u8 = torch.where(inside, 1, 0).to(torch.uint8)
-    flags.copy_(inside_u8)
+    from_lo = torch.where(u >= lo, 1, 0).to(torch.uint8)
+    from_hi = torch.where(u >= hi, 1, 0).to(torch.uint8)
+    flags.copy_(from_lo + from_hi)
     if costs is None:  # exact integer counts, loaded narrow (twice as fast as float64 sums)
-        cost_above = (u >= hi).to(torch.int32).sum().double()
-        cost_inside = inside_u8.to(torch.int32).sum().double()
+        cost_above = from_hi.to(torch.int32).sum().double()
+        cost_inside = from_lo.to(torch.int32).sum().double() - cost_above
     else:
         c = costs.double()
-        cost_above = torch.where(u >= hi, c, 0.0).sum()
-        cost_inside = torch.where(inside, c, 0.0).sum()
+        cost_above = torch.where(from_hi == 1, c, 0.0).sum()
+        cost_inside = torch.where(from_lo == 1, c, 0.0).sum() - cost_above
     sums = torch.stack([cost_above, cost_inside, (u - u).sum().double()])
     return sums, sums.new_empty(0)
 
 
-def run(
+def _band_pass_eager(u: Tensor, costs: Tensor | None, flags: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`band_pass` in the fewest eager ops (bool compares, sums with an int32 accumulator)."""
+    from_lo, from_hi = u >= lo, u >= hi
+    torch.add(from_lo.view(torch.uint8), from_hi.view(torch.uint8), out=flags)
+    if costs is None:
+        cost_above = from_hi.sum(dtype=torch.int32).double()
+        cost_inside = from_lo.sum(dtype=torch.int32).double() - cost_above
+    else:
+        c = costs.double()
+        cost_above = torch.where(from_hi, c, 0.0).sum()
+        cost_inside = torch.where(from_lo, c, 0.0).sum() - cost_above
+    sums = torch.stack([cost_above, cost_inside, (u - u).sum().double()])
+    return sums, sums.new_empty(0)
+
+
+_EAGER = {band_pass: _band_pass_eager}
+
+
+def launch(
     kernel: Callable[..., tuple[Tensor, Tensor]], u: Tensor, costs: Tensor | None, out: Tensor, *scalars: Tensor
-) -> list[float]:
-    """Run ``kernel(u, costs, out, *scalars)`` over all of ``u``; return its sums followed by its maxima."""
-    global _compile_enabled
+) -> Tensor:
+    """Run ``kernel(u, costs, out, *scalars)`` over all of ``u``; return its sums followed by its maxima as one
+    float64 tensor on ``u``'s device (nothing is read on the host).
+
+    A compilation failure raises on CUDA (the eager path launches hundreds of kernels per pass there); set
+    ``SPARTAN_COMPILE=0`` or call :func:`set_compile` to run eagerly on purpose. On the CPU it warns once and
+    falls back to the eager chunks; :func:`path` reports which path is active and why.
+    """
+    global _compile_enabled, _fallback_reason
     if _compile_enabled and u.numel() >= COMPILE_MIN_NUMEL:
         fn = _compiled.get(kernel)
         if fn is None:
             fn = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         try:
-            return torch.cat(fn(u, costs, out, *scalars)).tolist()
-        except Exception as err:  # a missing C++ compiler or Triton must not stop training
-            _compile_enabled = False
+            return torch.cat(fn(u, costs, out, *scalars))
+        except Exception as err:
+            cause = f"{type(err).__name__}: {err}"
+            if u.device.type == "cuda":
+                raise RuntimeError(
+                    f"spartan: torch.compile of the top-k kernels failed on {u.device} ({cause}); the eager "
+                    f"fallback would be slow here: fix the toolchain (Triton) or set SPARTAN_COMPILE=0 to run "
+                    f"eagerly on purpose"
+                ) from err
+            _compile_enabled, _fallback_reason = False, f"torch.compile failed ({cause})"
             warnings.warn(
-                f"spartan: torch.compile of the top-k kernels failed ({type(err).__name__}: "
-                f"{err}); falling back to eager chunked kernels",
+                f"spartan: torch.compile of the top-k kernels failed ({cause}); falling back to eager chunked kernels",
                 RuntimeWarning,
                 stacklevel=2,
             )
+    chunk = EAGER_CHUNK_CUDA if u.device.type == "cuda" else EAGER_CHUNK
+    eager = _EAGER.get(kernel, kernel)
     sums = maxima = None
-    for start in range(0, u.numel(), EAGER_CHUNK):
-        part = slice(start, start + EAGER_CHUNK)
-        chunk_sums, chunk_maxima = kernel(u[part], None if costs is None else costs[part], out[part], *scalars)
+    for start in range(0, u.numel(), chunk):
+        part = slice(start, start + chunk)
+        chunk_sums, chunk_maxima = eager(u[part], None if costs is None else costs[part], out[part], *scalars)
         sums = chunk_sums if sums is None else sums + chunk_sums
         maxima = chunk_maxima if maxima is None else torch.maximum(maxima, chunk_maxima)
-    return torch.cat([sums, maxima]).tolist()
+    return torch.cat([sums, maxima])
 
 
-def set_compile(enabled: bool) -> None:
-    """Turn the compiled kernels on or off (``SPARTAN_COMPILE=0`` turns them off at import)."""
-    global _compile_enabled
+def warm_up(device: torch.device, dtype: torch.dtype, with_costs: bool) -> None:
+    """Compile both kernels for ``device`` and ``dtype`` now (on a small vector) rather than inside the first
+    training step; a no-op when compilation is off."""
+    if not _compile_enabled:
+        return
+    u = torch.linspace(0.0, 1.0, COMPILE_MIN_NUMEL, dtype=dtype, device=device)
+    costs = torch.ones_like(u) if with_costs else None
+    scalars = torch.tensor([0.5, 0.0, 1.0], dtype=dtype).to(device).unbind(0)
+    launch(soft_mask_pass, u, costs, torch.empty_like(u), *scalars)
+    launch(band_pass, u, costs, torch.empty(u.shape, dtype=torch.uint8, device=device), scalars[2] * 0.25, scalars[0])
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without making the host wait (pinned, non-blocking on CUDA)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def set_compile(enabled: bool, reason: str = "turned off (SPARTAN_COMPILE=0 or kernels.set_compile(False))") -> None:
+    """Turn the compiled kernels on or off (``SPARTAN_COMPILE=0`` turns them off at import); ``reason`` is what
+    :func:`path` reports while they are off."""
+    global _compile_enabled, _fallback_reason
     _compile_enabled = enabled
+    _fallback_reason = "" if enabled else reason
+
+
+def path() -> str:
+    """The active path for large inputs: ``compiled``, or ``eager`` with the reason."""
+    return "compiled" if _compile_enabled else f"eager: {_fallback_reason}"

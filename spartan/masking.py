@@ -13,7 +13,7 @@ cost of one entry in cost units.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -26,32 +26,52 @@ class GradientCorrection:
     """Spartan's global gradient term for one allocation group.
 
     Differentiating the budget constraint couples all entries of a group through one scalar: with
-    ``gm = Σ_block g·w`` per entry, each layer's backward adds its ``Σ gm·s`` into ``accumulated`` (``C``),
-    and :meth:`apply` subtracts ``sign(w) · expand(β s C / S)`` from every member's gradient, ``S = Σ c·s``.
-    Everything is linear in the incoming gradient, so ``C`` may accumulate over micro-batches and be averaged
-    over data-parallel ranks exactly like the gradients themselves.
+    ``gm = Σ_block g·w`` per entry, each layer's backward returns its ``Σ gm·s`` as the gradient of ``probe``
+    (a 0-dim float64 leaf), so autograd sums it into ``probe.grad`` (``C``) over layers and micro-batches without
+    any state mutated in the backward (which keeps the backward traceable by ``torch.compile``), and
+    :meth:`apply` subtracts ``sign(w) · expand(β s C / S)`` from every member's gradient, ``S = Σ c·s``. It is
+    linear in the incoming gradient, so ``C`` is averaged over data-parallel ranks like the gradients.
+    ``beta`` (1/unit-value units) and ``slope_total`` (``S``, cost units) are 0-dim float64 device tensors.
     """
 
-    beta: float
-    slope_total: float
-    accumulated: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    pending: bool = False
+    probe: Tensor
+    beta: Tensor
+    slope_total: Tensor
 
-    def apply(self, members: Sequence[tuple[MaskedTensor, Tensor]]) -> None:
-        """Correct the ``.grad`` of each ``(tensor, slope)`` member, then reset for the next backward."""
-        if self.slope_total > 0:
-            shift = self.accumulated * (self.beta / self.slope_total)
-            for tensor, slope in members:
-                weight = tensor.weight
-                if weight.grad is not None:
-                    step = tensor.expand((slope * shift).to(weight.grad.dtype))
-                    weight.grad.sub_(weight.detach().sign() * step)
-        self.accumulated.zero_()
-        self.pending = False
+    @classmethod
+    def on(cls, device: torch.device) -> GradientCorrection:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(probe=zero.clone().requires_grad_(), beta=zero.clone(), slope_total=zero.clone())
+
+    @property
+    def pending(self) -> bool:
+        """A backward has run through the group's layers since the last :meth:`apply`."""
+        return self.probe.grad is not None
+
+    def set(self, beta: float, slope_total: float) -> None:
+        """This step's β and ``S`` (a fill, not a host-to-device copy)."""
+        self.beta.fill_(beta)
+        self.slope_total.fill_(slope_total)
+
+    def accumulated(self) -> Tensor:
+        """``C`` so far (0 when no backward ran through the group)."""
+        return self.probe.grad if self.probe.grad is not None else torch.zeros_like(self.slope_total)
+
+    def apply(self, members: Sequence[tuple[MaskedTensor, Tensor]], accumulated: Tensor) -> None:
+        """Correct the ``.grad`` of each ``(tensor, slope)`` member by ``C = accumulated``, then reset."""
+        ratio = self.beta / self.slope_total
+        shift = torch.where(self.slope_total > 0, accumulated * ratio, 0.0)  # S = 0: a saturated mask
+        for tensor, slope in members:
+            weight = tensor.weight
+            if weight.grad is not None:
+                step = tensor.expand((slope * shift).to(weight.grad.dtype))
+                weight.grad.sub_(weight.detach().sign() * step)
+        self.probe.grad = None
 
 
 class _SpartanWeight(torch.autograd.Function):
-    """``w_eff = ST(m ⊙ w, H)``: forward ``H·m·w``; backward the local part of the exact gradient."""
+    """``w_eff = ST(m ⊙ w, H)``: forward ``H·m·w``; backward the local part of the exact gradient, and the
+    group's ``Σ gm·s`` as the gradient of the correction's probe."""
 
     @staticmethod
     def forward(
@@ -60,24 +80,26 @@ class _SpartanWeight(torch.autograd.Function):
         keep: Tensor,
         soft: Tensor,
         slope: Tensor,
+        probe: Tensor,
+        beta: Tensor,
         tensor: MaskedTensor,
         cost: float,
-        correction: GradientCorrection,
     ) -> Tensor:
-        ctx.save_for_backward(weight, soft, slope)
-        ctx.tensor, ctx.cost, ctx.correction = tensor, cost, correction
+        ctx.save_for_backward(weight, soft, slope, beta)
+        ctx.tensor, ctx.cost = tensor, cost
         return weight * tensor.expand(keep)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        weight, soft, slope = ctx.saved_tensors
-        tensor, correction = ctx.tensor, ctx.correction
+        weight, soft, slope, beta = ctx.saved_tensors
+        tensor = ctx.tensor
         grad_mask = tensor.block_sum(grad * weight)  # ∂L/∂m per entry
-        correction.accumulated += (grad_mask.double() * slope).sum().to(correction.accumulated.device)
-        correction.pending = True
-        through_mask = tensor.expand(slope * grad_mask * (correction.beta / ctx.cost))
-        grad_weight = grad * tensor.expand(soft) + weight.sign() * through_mask
-        return grad_weight.to(weight.dtype), None, None, None, None, None, None
+        probe_grad = (grad_mask.double() * slope).sum()
+        through_mask = tensor.expand(slope * grad_mask * (beta / ctx.cost))
+        grad_weight = (grad * tensor.expand(soft) + weight.sign() * through_mask).to(weight.dtype)
+        if grad_weight.stride() != weight.stride():  # DDP's buckets expect the weight's layout
+            grad_weight = torch.empty_like(weight).copy_(grad_weight)
+        return grad_weight, None, None, None, probe_grad, None, None, None
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -102,12 +124,20 @@ def spartan_weight(
     correction: GradientCorrection,
 ) -> Tensor:
     """Spartan's forward weight; ``keep = H·m`` is precomputed by the caller (it is what the forward uses)."""
-    return _SpartanWeight.apply(weight, keep, soft, slope, tensor, cost, correction)
+    return _SpartanWeight.apply(weight, keep, soft, slope, correction.probe, correction.beta, tensor, cost)
 
 
 def straight_through_weight(weight: Tensor, tensor: MaskedTensor, keep: Tensor) -> Tensor:
     """Top-KAST / dual averaging: masked forward, dense gradient."""
     return _StraightThrough.apply(weight, keep, tensor)
+
+
+def like_weight(entries: Tensor, weight: Tensor) -> Tensor:
+    """Per-entry ``entries`` in ``weight``'s memory layout when they have its shape (unstructured masks of
+    channels_last convolutions), so that masking ops and the gradients they return do not mix layouts."""
+    if entries.shape == weight.shape and entries.stride() != weight.stride():
+        return torch.empty_like(weight, dtype=entries.dtype).copy_(entries)
+    return entries
 
 
 def masked_weight(weight: Tensor, tensor: MaskedTensor, keep: Tensor) -> Tensor:

@@ -12,11 +12,12 @@ A method declares what it needs from the Sparsifier and does its part of every s
   soft value ``m`` of kept entries for Spartan, 1 otherwise), dropped entries are 0, and training continues with
   plain masking.
 
-Per step the Sparsifier writes each group's unit values (``|w|`` summed per entry, divided by the entry cost
-when all entries cost the same) and hands the method the budget and β: :meth:`Method.update_group` selects the
-kept entries (hard top-k by default), :meth:`Method.set_layer` hands each member layer its slice, and
-:meth:`Method.forward` computes a layer's forward weight. A new method is one subclass plus
-:func:`register_method`; a new selection pattern (e.g. N:M) overrides :meth:`Method.update_group`.
+Per step the Sparsifier writes every group's unit values into the shared :class:`Entries` (``|w|`` summed per
+entry, divided by the entry's cost) and hands the method the budgets and βs: :meth:`Method.select` selects the
+kept entries of all groups together (hard top-k by default, solved in lockstep so the host is read a few times
+per step, not per group), :meth:`Method.set_layer` hands each member layer its slice, and
+:meth:`Method.forward` computes a layer's forward weight. A new method is one
+subclass plus :func:`register_method`; a new selection pattern (e.g. N:M) overrides :meth:`Method.select`.
 """
 
 from __future__ import annotations
@@ -29,32 +30,50 @@ import torch
 from torch import Tensor, nn
 
 from spartan.layers import MaskedTensor
-from spartan.masking import GradientCorrection, masked_weight, spartan_weight, straight_through_weight
-from spartan.topk import HardThreshold, hard_threshold, solve_soft_topk
+from spartan.masking import GradientCorrection, like_weight, masked_weight, spartan_weight, straight_through_weight
+from spartan.topk import SoftSolve, hard_topk_groups, soft_topk_groups
+
+
+@dataclass(eq=False)
+class Entries:
+    """The per-entry buffers of all budget groups, flat and in the masked tensors' order (solver precision).
+
+    ``values`` holds unit values (``|w|`` summed per entry, divided by the entry's cost), ``costs`` per-entry costs
+    (None when every group's entries cost the same: budgets then count entries), ``hard`` / ``previous_hard``
+    this and the last step's hard masks, ``flags`` the hard top-k's scratch; ``soft`` exists for methods that
+    declare ``soft_mask``.
+    """
+
+    values: Tensor
+    costs: Tensor | None
+    hard: Tensor
+    previous_hard: Tensor
+    flags: Tensor
+    soft: Tensor | None = None
 
 
 @dataclass(eq=False)
 class Group:
-    """Masked tensors sharing one budget (all of them for ``global`` allocation, else one tensor).
-
-    ``values`` holds the entries' unit values (solver precision), ``costs`` per-entry costs (None when they all
-    equal ``unit_cost``, the budget then counts entries); ``soft`` and ``correction`` exist for methods that
-    declare ``soft_mask`` / ``global_correction``.
+    """Masked tensors sharing one budget (all of them for ``global`` allocation, else one tensor): the ``part``
+    of :class:`Entries` they own, and each member's slice of it. ``total`` is what the budget is counted in
+    (entries, or cost units when ``Entries.costs`` is set); ``correction`` exists for ``global_correction``.
     """
 
     members: list[int]
+    part: slice
     slices: list[slice]
-    costs: Tensor | None
     unit_cost: float
     total_cost: float
-    values: Tensor
-    hard: Tensor
-    previous_hard: Tensor
-    soft: Tensor | None = None
+    total: float
     correction: GradientCorrection | None = None
     beta: float | None = None
     lam: float | None = None
-    threshold: HardThreshold | None = None
+    warm: Tensor | None = None
+    """The hard top-k's warm start ``[threshold, band lo, band hi, movement]`` (float64, on the device)."""
+    solve: SoftSolve | None = None
+    """The last soft top-k solution (it predicts where the next solve starts)."""
+    agreed_lam: Tensor | None = None
+    """Under DDP, the λ every rank's soft mask was written from (the first rank's)."""
     telemetry: dict = field(default_factory=dict)
 
 
@@ -100,18 +119,30 @@ class Method:
     straight_through: ClassVar[bool] = False
     global_correction: ClassVar[bool] = False
 
-    def update_group(self, group: Group, budget: float, beta: float, tol: float) -> None:
-        """Select the kept entries of ``group`` (``group.hard``) for ``budget`` (cost units, or entries when
-        ``group.costs`` is None); record the flip rate against the previous step in ``group.telemetry``."""
-        group.previous_hard, group.hard = group.hard, group.previous_hard
-        group.threshold = hard_threshold(group.values, budget, group.costs, init=group.threshold)
-        group.threshold.mask(group.values, group.costs, out=group.hard)
-        flips = int(torch.count_nonzero(group.hard ^ group.previous_hard))
-        group.telemetry = {"flip_rate": flips / group.hard.numel()}
+    def select(
+        self, entries: Entries, groups: list[Group], budgets: list[float], betas: list[float], tol: float
+    ) -> None:
+        """Select every group's kept entries into ``entries.hard`` for its budget (counted like ``group.total``),
+        all groups together; ``entries.previous_hard`` must end up holding the last step's mask (for the flip
+        rate). Reads the host only a few times per call, whatever the number of groups."""
+        entries.previous_hard, entries.hard = entries.hard, entries.previous_hard
+        states = hard_topk_groups(
+            entries.values,
+            [g.part for g in groups],
+            budgets,
+            [g.total for g in groups],
+            entries.costs,
+            entries.flags,
+            entries.hard,
+            [g.warm for g in groups],
+        )
+        for group, state in zip(groups, states):
+            group.warm = state
 
-    def set_layer(self, layer: LayerMask, group: Group, part: slice, entry_cost: float) -> None:
-        """Hand ``layer`` its slice ``part`` of the group's masks (``entry_cost``: one entry's cost units)."""
-        layer.keep = group.hard[part].view(layer.tensor.entry_shape).to(layer.tensor.weight.dtype)
+    def set_layer(self, layer: LayerMask, entries: Entries, group: Group, part: slice, entry_cost: float) -> None:
+        """Hand ``layer`` its slice ``part`` of the masks (``entry_cost``: one entry's cost units)."""
+        keep = entries.hard[part].view(layer.tensor.entry_shape).to(layer.tensor.weight.dtype)
+        layer.keep = like_weight(keep, layer.tensor.weight)
 
     def forward(self, weight: Tensor, layer: LayerMask) -> Tensor:
         """The forward weight of ``layer`` before the freeze."""
@@ -124,8 +155,9 @@ class Method:
         layer.frozen = True
         layer.soft = layer.slope = layer.correction = None
 
-    def telemetry(self, groups: list[Group], layers: list[LayerMask]) -> dict[str, Any]:
-        """Method-specific numbers for :meth:`Sparsifier.step`'s telemetry (after :meth:`update_group`)."""
+    def telemetry(self, entries: Entries, groups: list[Group], layers: list[LayerMask]) -> dict[str, Any]:
+        """Method-specific numbers for :meth:`Sparsifier.step`'s telemetry (after :meth:`select`): host numbers
+        or 0-dim device tensors, never read on the host here."""
         return {}
 
 
@@ -155,37 +187,66 @@ class Spartan(Method):
     straight_through = True
     global_correction = True
 
-    def update_group(self, group: Group, budget: float, beta: float, tol: float) -> None:
-        super().update_group(group, budget, beta, tol)
-        solution = solve_soft_topk(group.values, budget, beta, group.costs, lam_init=group.lam, tol=tol, out=group.soft)
-        group.lam = solution.lam if math.isfinite(solution.lam) else None  # trivial budgets: no λ
-        group.correction.beta = beta
-        group.correction.slope_total = solution.slope_total * group.unit_cost  # S = Σ c·s
-        group.telemetry.update(lam=solution.lam, solver_iterations=solution.iterations)
+    def select(
+        self, entries: Entries, groups: list[Group], budgets: list[float], betas: list[float], tol: float
+    ) -> None:
+        super().select(entries, groups, budgets, betas, tol)
+        solves = soft_topk_groups(
+            entries.values,
+            [g.part for g in groups],
+            budgets,
+            [g.total for g in groups],
+            betas,
+            entries.costs,
+            entries.soft,
+            [_lambda_guess(g, budget, beta) for g, budget, beta in zip(groups, budgets, betas)],
+            tol,
+            max_iter=100,
+        )
+        for group, beta, solve in zip(groups, betas, solves):
+            group.lam = solve.lam if math.isfinite(solve.lam) else None  # trivial budgets: no λ
+            group.solve = solve if group.lam is not None else None
+            group.correction.set(beta, solve.slope_total * group.unit_cost)  # S = Σ c·s
+            group.telemetry = {"lam": solve.lam, "solver_iterations": solve.iterations}
 
-    def set_layer(self, layer: LayerMask, group: Group, part: slice, entry_cost: float) -> None:
+    def set_layer(self, layer: LayerMask, entries: Entries, group: Group, part: slice, entry_cost: float) -> None:
         shape = layer.tensor.entry_shape
-        soft = group.soft[part].view(shape)  # soft and slope stay in the solver's precision
-        layer.soft, layer.slope = soft, soft * (1 - soft)
-        layer.keep = torch.where(group.hard[part].view(shape), soft, 0.0).to(layer.tensor.weight.dtype)
+        soft = entries.soft[part].view(shape)  # soft and slope stay in the solver's precision
+        keep = torch.where(entries.hard[part].view(shape), soft, 0.0).to(layer.tensor.weight.dtype)
+        weight = layer.tensor.weight
+        layer.keep, layer.soft, layer.slope = (like_weight(x, weight) for x in (keep, soft, soft * (1 - soft)))
         layer.cost, layer.correction = entry_cost, group.correction
 
     def forward(self, weight: Tensor, layer: LayerMask) -> Tensor:
         return spartan_weight(weight, layer.tensor, layer.keep, layer.soft, layer.slope, layer.cost, layer.correction)
 
-    def telemetry(self, groups: list[Group], layers: list[LayerMask]) -> dict[str, Any]:
-        """``λ`` and the mean soft value of kept and dropped entries of the first group; the most solver passes."""
+    def telemetry(self, entries: Entries, groups: list[Group], layers: list[LayerMask]) -> dict[str, Any]:
+        """``λ`` and the mean soft value of kept and dropped entries of the first group (0-dim tensors); the most
+        solver passes."""
         first = groups[0]
-        kept_soft = sum(float(layers[i].keep.sum()) for i in first.members)
-        n_kept = int(torch.count_nonzero(first.hard))
-        n_dropped = first.hard.numel() - n_kept
-        dropped_soft = float(first.soft.sum()) - kept_soft
+        hard = entries.hard[first.part]
+        kept_soft = torch.stack([layers[i].keep.sum() for i in first.members]).sum()  # float32: it is telemetry
+        n_kept = torch.count_nonzero(hard)
+        n_dropped = hard.numel() - n_kept
+        dropped_soft = entries.soft[first.part].sum() - kept_soft
         return {
             "lam": first.telemetry["lam"],
-            "soft_kept": kept_soft / n_kept if n_kept else math.nan,
-            "soft_dropped": dropped_soft / n_dropped if n_dropped else math.nan,
+            "soft_kept": kept_soft / n_kept,  # NaN when nothing is kept
+            "soft_dropped": dropped_soft / n_dropped,
             "solver_iterations": max(g.telemetry["solver_iterations"] for g in groups),
         }
+
+
+def _lambda_guess(group: Group, budget: float, beta: float) -> float | Tensor | None:
+    """Where this step's λ solve starts: the last solution moved to first order for the new budget and β; on a
+    cold start the hard top-k boundary just found (a device value, read with the first pass)."""
+    if group.solve is not None:
+        return group.solve.predict(budget, beta)
+    if group.lam is not None:
+        return group.lam
+    if group.warm is not None:
+        return torch.nan_to_num(group.warm[0], nan=0.0, posinf=0.0, neginf=0.0)
+    return None
 
 
 @register_method

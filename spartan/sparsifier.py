@@ -20,6 +20,7 @@ masked weights read ``<module>.parametrizations.<name>.original``; ``finalize()`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -28,13 +29,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from spartan import kernels
 from spartan.allocation import layer_densities, masked_density
 from spartan.config import SparsityConfig, first_difference
 from spartan.costs import cost_factors, flops_per_weight
 from spartan.layers import MaskedTensor, find_masked_tensors
 from spartan.masking import GradientCorrection
-from spartan.methods import Group, LayerMask, build_method
-from spartan.topk import HardThreshold
+from spartan.methods import Entries, Group, LayerMask, build_method
+from spartan.topk import SoftSolve
 
 
 class Sparsifier:
@@ -79,7 +81,9 @@ class Sparsifier:
         self.frozen = False
         self.finalized = False
         self.layers = [LayerMask(t, self.method) for t in self.tensors]
-        self.groups = self._make_groups() if self.method.attaches_masks else []
+        self.entries, self.groups = self._make_entries() if self.method.attaches_masks else (None, [])
+        if any(g.part.stop - g.part.start >= kernels.COMPILE_MIN_NUMEL for g in self.groups):
+            self._warm_up_kernels(self.entries.values.device, self.entries.values.dtype, self.entries.costs is not None)
         if self.method.attaches_masks:
             for tensor, layer in zip(self.tensors, self.layers):
                 parametrize.register_parametrization(tensor.module, tensor.attr, layer, unsafe=True)
@@ -113,45 +117,65 @@ class Sparsifier:
             ) from None
         return float(sum(f * t.weight.numel() for f, t in zip(factors, others)))
 
-    def _make_groups(self) -> list[Group]:
+    def _make_entries(self) -> tuple[Entries, list[Group]]:
+        """Flat per-entry buffers for every masked tensor and the budget groups' parts of them."""
+        weights = [t.weight for t in self.tensors]
+        device = weights[0].device
+        if any(w.device != device for w in weights):
+            where = sorted({str(w.device) for w in weights})
+            raise ValueError(f"masked weights must all be on one device to share a budget, found {where}")
+        # Solve in float32 (float64 for float64 models): the precision soft_topk computes in.
+        dtype = torch.float64 if all(w.dtype == torch.float64 for w in weights) else torch.float32
+        sizes = [t.n_entries for t in self.tensors]
+        starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        entry_costs = [f * t.block_numel for f, t in zip(self.factors, self.tensors)]
         if self.config.allocation == "global":
             member_lists = [list(range(len(self.tensors)))]
         else:
             member_lists = [[i] for i in range(len(self.tensors))]
+        uniform = all(len({entry_costs[i] for i in members}) == 1 for members in member_lists)
+        costs = None
+        if not uniform:
+            costs = torch.cat([torch.full((n,), c, dtype=dtype, device=device) for n, c in zip(sizes, entry_costs)])
+        n = starts[-1]
+        entries = Entries(
+            values=torch.empty(n, dtype=dtype, device=device),
+            costs=costs,
+            hard=torch.zeros(n, dtype=torch.bool, device=device),
+            previous_hard=torch.zeros(n, dtype=torch.bool, device=device),
+            flags=torch.empty(n, dtype=torch.uint8, device=device),
+            soft=torch.empty(n, dtype=dtype, device=device) if self.method.soft_mask else None,
+        )
         groups = []
         for members in member_lists:
-            device = self.tensors[members[0]].weight.device
-            # Solve in float32 (float64 for float64 models): the precision soft_topk computes in.
-            dtype = torch.float64 if self.tensors[members[0]].weight.dtype == torch.float64 else torch.float32
-            entry_costs = [self.factors[i] * self.tensors[i].block_numel for i in members]
-            sizes = [self.tensors[i].n_entries for i in members]
-            starts = [sum(sizes[:k]) for k in range(len(sizes))]
-            n = sum(sizes)
-            uniform = all(c == entry_costs[0] for c in entry_costs)
-            costs = None
-            if not uniform:
-                costs = torch.cat([torch.full((s,), c, dtype=dtype, device=device) for s, c in zip(sizes, entry_costs)])
-            soft, correction = None, None
-            if self.method.soft_mask:
-                soft = torch.empty(n, dtype=dtype, device=device)
-            if self.method.global_correction:
-                accumulated = torch.zeros((), dtype=torch.float64, device=device)
-                correction = GradientCorrection(beta=1.0, slope_total=0.0, accumulated=accumulated)
+            total_cost = sum(entry_costs[i] * sizes[i] for i in members)
+            n_group = sum(sizes[i] for i in members)
             groups.append(
                 Group(
                     members=members,
-                    slices=[slice(a, a + size) for a, size in zip(starts, sizes)],
-                    costs=costs,
-                    unit_cost=entry_costs[0] if uniform else 1.0,
-                    total_cost=sum(c * size for c, size in zip(entry_costs, sizes)),
-                    values=torch.empty(n, dtype=dtype, device=device),
-                    hard=torch.zeros(n, dtype=torch.bool, device=device),
-                    previous_hard=torch.zeros(n, dtype=torch.bool, device=device),
-                    soft=soft,
-                    correction=correction,
+                    part=slice(starts[members[0]], starts[members[-1] + 1]),
+                    slices=[slice(starts[i], starts[i + 1]) for i in members],
+                    unit_cost=entry_costs[members[0]] if uniform else 1.0,
+                    total_cost=total_cost,
+                    total=float(n_group) if uniform else total_cost,
+                    correction=GradientCorrection.on(device) if self.method.global_correction else None,
                 )
             )
-        return groups
+        return entries, groups
+
+    def _warm_up_kernels(self, device: torch.device, dtype: torch.dtype, with_costs: bool) -> None:
+        """Compile the top-k kernels now, not in the first step; every rank then takes the same path."""
+        kernels.warm_up(device, dtype, with_costs)
+        if self._world() > 1:
+            compiled = torch.tensor([kernels.path() == "compiled"], dtype=torch.int32, device=device)
+            dist.all_reduce(compiled, op=dist.ReduceOp.MIN, group=self.process_group)
+            if not bool(compiled) and kernels.path() == "compiled":
+                kernels.set_compile(False, reason="compilation failed on another rank")
+
+    def _world(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
 
     # -------------------------------------------------------------------------------------- training loop
 
@@ -171,29 +195,28 @@ class Sparsifier:
         """Apply the method's global gradient term (Spartan's); call after ``backward()``, before
         unscaling/clipping/stepping. A no-op for methods without one and once the masks froze.
 
-        Under DDP the per-group scalars are averaged over ranks (one all-reduce), like the gradients. Every
-        rank reduces every group, pending or not (a rank may have skipped a layer), so the collectives match.
+        Under DDP the per-group scalars are averaged over ranks (one all-reduce of a device tensor), like the
+        gradients. Every rank reduces every group, whether or not its backward reached it, so the collectives
+        match. Nothing is read on the host.
         """
         if not self.method.global_correction or self.frozen:
             return
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-            device = self.groups[0].correction.accumulated.device
-            packed = torch.tensor(
-                [[float(g.correction.accumulated), float(g.correction.pending)] for g in self.groups],
-                dtype=torch.float64,
-                device=device,
-            )
-            dist.all_reduce(packed, group=self.process_group)
-            world = dist.get_world_size(self.process_group)
-            for g, (total, pending_ranks) in zip(self.groups, packed.tolist()):
-                g.correction.accumulated.fill_(total / world)
-                g.correction.pending = pending_ranks > 0
-        for g in self.groups:
-            if g.correction.pending:
-                g.correction.apply([(self.tensors[i], self.layers[i].slope) for i in g.members])
+        world = self._world()
+        if world == 1 and not any(g.correction.pending for g in self.groups):
+            return
+        accumulated = torch.stack([g.correction.accumulated() for g in self.groups])
+        if world > 1:
+            dist.all_reduce(accumulated, group=self.process_group)
+            accumulated /= world
+        for g, total in zip(self.groups, accumulated.unbind(0)):
+            g.correction.apply([(self.tensors[i], self.layers[i].slope) for i in g.members], total)
 
     def step(self) -> dict[str, Any]:
-        """Advance one optimizer step: recompute masks from the updated weights; return telemetry."""
+        """Advance one optimizer step: recompute masks from the updated weights; return telemetry.
+
+        Telemetry values are host numbers or 0-dim device tensors (``flip_rate``, ``soft_kept``, ...): read them
+        (``float(...)``) only when logging, so a step does not wait for the device.
+        """
         if self.finalized:
             raise RuntimeError("Sparsifier.step() after finalize(): the model no longer carries masks")
         if any(g.correction is not None and g.correction.pending for g in self.groups):
@@ -201,12 +224,11 @@ class Sparsifier:
                 "sparsifier.step() found Spartan gradients without their global correction: call "
                 "sparsifier.finish_backward() after loss.backward() and before optimizer.step()"
             )
-        for tensor, group in ((self.tensors[g.members[0]], g) for g in self.groups):
-            if tensor.weight.device != group.values.device:
-                raise RuntimeError(
-                    f"{tensor.name} moved to {tensor.weight.device} after the Sparsifier was built on "
-                    f"{group.values.device}: move the model before creating the Sparsifier"
-                )
+        if self.groups and self.tensors[0].weight.device != self.entries.values.device:
+            raise RuntimeError(
+                f"{self.tensors[0].name} moved to {self.tensors[0].weight.device} after the Sparsifier was built on "
+                f"{self.entries.values.device}: move the model before creating the Sparsifier"
+            )
         self.step_count += 1
         return self._update()
 
@@ -217,6 +239,7 @@ class Sparsifier:
         if self.frozen or not self.method.attaches_masks:
             return telemetry
         density, per_layer = self._masked_densities(self.target_density(step))
+        budgets, betas = [], []
         for group in self.groups:
             layer_density = density if per_layer is None else per_layer[group.members[0]]
             # A one-layer group uses its own block (unstructured after a block fallback); a global one the config's.
@@ -224,36 +247,113 @@ class Sparsifier:
                 block_numel = self.tensors[group.members[0]].block_numel
             else:
                 block_numel = math.prod(self.config.block)
-            self._update_group(group, layer_density * group.total_cost, self.schedule.beta(step, block_numel))
-        entries = sum(g.hard.numel() for g in self.groups)
+            budget = layer_density * group.total_cost
+            if self.entries.costs is None:
+                budget /= group.unit_cost  # the budget becomes a number of entries
+            budgets.append(min(budget, group.total))
+            betas.append(self.schedule.beta(step, block_numel))
+        with torch.no_grad():
+            self._write_values()
+            self.method.select(self.entries, self.groups, budgets, betas, self.config.tol)
+            if self.method.soft_mask and self._world() > 1:
+                self._agree_on_soft_masks()
+            for group, beta in zip(self.groups, betas):
+                group.beta = beta
+                for i, part in zip(group.members, group.slices):
+                    self.method.set_layer(
+                        self.layers[i], self.entries, group, part, self.factors[i] * self.tensors[i].block_numel
+                    )
+            flips = torch.count_nonzero(self.entries.hard ^ self.entries.previous_hard)
         telemetry.update(
             masked_density_target=density,
             beta=self.schedule.beta(step, math.prod(self.config.block)),
-            flip_rate=sum(g.telemetry["flip_rate"] * g.hard.numel() for g in self.groups) / entries,
+            flip_rate=flips / self.entries.hard.numel(),
         )
-        telemetry.update(self.method.telemetry(self.groups, self.layers))
+        telemetry.update(self.method.telemetry(self.entries, self.groups, self.layers))
         if self.schedule.frozen(step):
             self._freeze()
             telemetry["frozen"] = True
         return telemetry
 
-    def _update_group(self, group: Group, budget: float, beta: float) -> None:
-        with torch.no_grad():
+    def _write_values(self) -> None:
+        """Every group's unit values from the current weights."""
+        values = self.entries.values
+        for group in self.groups:
             for i, part in zip(group.members, group.slices):
                 tensor = self.tensors[i]
-                entries = group.values[part].view(tensor.entry_shape)
+                entries = values[part].view(tensor.entry_shape)
                 if tensor.block == (1, 1) and tensor.weight.dtype == entries.dtype:
                     torch.abs(tensor.weight, out=entries)  # no temporary: this runs on every weight each step
                 else:  # blocks are summed in the solver's precision, not in float16
                     entries.copy_(tensor.entry_values(tensor.weight.to(entries.dtype)))
-            if group.costs is None:
-                group.values /= group.unit_cost  # unit values; the budget becomes a number of entries
-                budget /= group.unit_cost
-            budget = min(budget, float(group.values.numel()) if group.costs is None else group.total_cost)
-            group.beta = beta
-            self.method.update_group(group, budget, beta, self.config.tol)
-            for i, part in zip(group.members, group.slices):
-                self.method.set_layer(self.layers[i], group, part, self.factors[i] * self.tensors[i].block_numel)
+            if self.entries.costs is None:
+                values[group.part] /= group.unit_cost  # unit values
+        if self.entries.costs is not None:
+            values /= self.entries.costs
+
+    def _agree_on_soft_masks(self) -> None:
+        """Every rank takes the first rank's ``λ`` and ``S`` and rewrites its soft masks from them.
+
+        Ranks solve from identical weights, but compiled reductions may sum in a different order per process
+        (CUDA autotuning), so their λ and S can differ in the last bits and the ranks would drift apart.
+        """
+        device = self.entries.values.device
+        table = kernels.to_device(torch.tensor([[g.lam or 0.0, 0.0] for g in self.groups], dtype=torch.float64), device)
+        table[:, 1] = torch.stack([g.correction.slope_total for g in self.groups])
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+        dist.broadcast(table, src=src, group=self.process_group)
+        values, soft, costs = self.entries.values, self.entries.soft, self.entries.costs
+        for group, (lam, slope_total) in zip(self.groups, table.unbind(0)):
+            group.correction.slope_total.copy_(slope_total)
+            group.agreed_lam = lam
+            if group.lam is None:  # a trivial budget: the constant mask is the same everywhere
+                continue
+            lam_hi = lam.to(values.dtype)
+            lam_lo = (lam - lam_hi.double()).to(values.dtype)
+            beta_t = group.correction.beta.to(values.dtype)
+            part = group.part
+            kernels.launch(
+                kernels.soft_mask_pass,
+                values[part],
+                None if costs is None else costs[part],
+                soft[part],
+                lam_hi,
+                lam_lo,
+                beta_t,
+            )
+
+    def check_consistency(self) -> None:
+        """Stop with an error if the masks differ between data-parallel ranks (a collective: every rank calls it).
+
+        Compares per group ``λ``, ``S``, the kept count, the sum of the kept entries' positions and the sum of
+        the soft mask (all exact or computed by the same eager kernels) with one all-reduce of their minima and
+        maxima. A no-op in a single process and once frozen masks can no longer change.
+        """
+        if self._world() == 1 or not self.method.attaches_masks:
+            return
+        table = torch.stack([self._checksums(g) for g in self.groups])
+        extremes = torch.cat([table, -table])
+        dist.all_reduce(extremes, op=dist.ReduceOp.MIN, group=self.process_group)
+        low, high = extremes[: len(self.groups)], -extremes[len(self.groups) :]
+        if bool(torch.equal(low, high)):
+            return
+        names = ("λ", "S", "kept entries", "kept positions", "soft mask sum")
+        for g, (lows, highs) in enumerate(zip(low.tolist(), high.tolist())):
+            for name, a, b in zip(names, lows, highs):
+                if a != b and not (math.isnan(a) and math.isnan(b)):
+                    first = self.tensors[self.groups[g].members[0]].name
+                    raise RuntimeError(
+                        f"spartan: masks differ between data-parallel ranks (group {g}, starting at {first}): "
+                        f"{name} ranges over [{a!r}, {b!r}]; the ranks would train different models"
+                    )
+
+    def _checksums(self, group: Group) -> Tensor:
+        hard = self.entries.hard[group.part]
+        zero = torch.zeros((), dtype=torch.float64, device=hard.device)
+        lam = zero if group.agreed_lam is None else group.agreed_lam
+        slope = zero if group.correction is None else group.correction.slope_total
+        soft = zero if self.entries.soft is None else self.entries.soft[group.part].sum(dtype=torch.float64)
+        return torch.stack([lam, slope, torch.count_nonzero(hard).double(), _position_sum(hard), soft])
 
     def _freeze(self) -> None:
         """Fix the masks: kept entries keep their multiplier (the soft value for Spartan), dropped become 0."""
@@ -352,15 +452,13 @@ class Sparsifier:
         groups = []
         for g in self.groups:
             threshold = None
-            if g.threshold is not None:
-                t = g.threshold
-                threshold = {
-                    "threshold": t.threshold,
-                    "tie_keep": t.tie_keep.cpu(),
-                    "kept_cost": t.kept_cost,
-                    "band": t.band,
-                }
-            groups.append({"lam": g.lam, "threshold": threshold, "hard": pack_bits(g.hard)})
+            if g.warm is not None:
+                value, lo, hi, movement = g.warm.tolist()
+                threshold = {"threshold": value, "band": (lo, hi), "movement": movement}
+            solve = None if g.solve is None else dataclasses.asdict(g.solve)
+            groups.append(
+                {"lam": g.lam, "solve": solve, "threshold": threshold, "hard": pack_bits(self.entries.hard[g.part])}
+            )
         state = {
             "fingerprint": self._fingerprint(),
             "step": self.step_count,
@@ -386,20 +484,36 @@ class Sparsifier:
         self.step_count = state["step"]
         for group, saved in zip(self.groups, state["groups"]):
             group.lam = saved["lam"]
-            t = saved["threshold"]
+            group.solve = None if saved.get("solve") is None else SoftSolve(**saved["solve"])
+            t = saved["threshold"]  # older checkpoints also hold the tied entries and kept cost: not needed
+            group.warm = None
             if t is not None:
-                tie_keep = t["tie_keep"].to(group.values.device)
-                t = HardThreshold(t["threshold"], tie_keep, t["kept_cost"], tuple(t["band"]))
-            group.threshold = t
+                warm = torch.tensor([t["threshold"], *t["band"], t.get("movement", 0.0)], dtype=torch.float64)
+                group.warm = warm.to(self.entries.values.device)
         if state["frozen"]:
             for tensor, layer, keep in zip(self.tensors, self.layers, state["frozen_keep"]):
                 layer.keep = _unpack_multiplier(keep).to(tensor.weight.device)
             self._use_fixed_masks()  # the optimizer state was pruned before it was saved
             return
         self.frozen = False
-        for group, saved in zip(self.groups, state["groups"]):
-            group.hard.copy_(unpack_bits(saved["hard"]))  # so the next flip rate is measured against the same mask
+        for group, saved in zip(self.groups, state["groups"]):  # the next flip rate is measured against these
+            self.entries.hard[group.part].copy_(unpack_bits(saved["hard"]).reshape(-1))
         self._update()  # before the freeze step, so this only rebuilds the current masks
+
+
+def _position_sum(mask: Tensor) -> Tensor:
+    """``Σ i`` over the set positions ``i`` of a flat boolean ``mask`` (float64, exact below 2^53), computed
+    from row and column counts of a 4096-wide view instead of a vector of positions."""
+    width = 4096
+    rows = mask.numel() // width
+    body = mask[: rows * width].view(rows, width)
+    tail = mask[rows * width :]
+    # count_nonzero, not sum: summing bools makes an int64 copy of the whole mask first
+    per_row, per_column = torch.count_nonzero(body, dim=1).double(), torch.count_nonzero(body, dim=0).double()
+    total = (per_row * torch.arange(rows, dtype=torch.float64, device=mask.device)).sum() * width
+    total = total + (per_column * torch.arange(width, dtype=torch.float64, device=mask.device)).sum()
+    positions = torch.arange(rows * width, mask.numel(), dtype=torch.float64, device=mask.device)
+    return total + (tail * positions).sum()
 
 
 def pack_bits(mask: Tensor) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from spartan.train.data import build_loaders, get_backend
 from spartan.train.data.backends.digits import DigitsConfig
 from spartan.train.data.backends.ffcv import FFCVConfig
 from spartan.train.data.backends.imagefolder import ImageFolderConfig
+from spartan.train.data.backends.synthetic import SyntheticConfig
 from spartan.train.data.ffcv_writer import write_split
 from spartan.train.data.samplers import RepeatedAugmentSampler
 from spartan.train.data.transforms import batch_mixer
@@ -112,6 +113,40 @@ def test_an_epoch_replays_exactly(name, images, shards):
     assert not torch.equal(epoch(1, rank=0, fresh=True), epoch(1, rank=1, fresh=True))
     # resumed mid-epoch (after batch 1 of 3, whichever worker decoded it): the rest of the same epoch
     assert torch.equal(epoch(1, fresh=True, start=1), epoch(1)[4:])
+
+
+def test_synthetic_batches_are_made_on_the_device_and_replay_for_a_seed():
+    device = torch.device("cpu")  # the run's device: a GPU's own generator there
+    config = SyntheticConfig(image_size=8, batch_size=4, train_size=40, val_size=10, num_classes=5)
+
+    def epoch(k, rank=0, seed=0, start=0):
+        loaders = build_loaders(config, rank=rank, world=2, seed=seed, device=device)
+        loaders.set_epoch(k, start)
+        batches = list(loaders.train)
+        assert len(batches) == len(loaders.train) - start
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    rng = torch.get_rng_state()
+    images, labels = epoch(1)
+    assert torch.equal(torch.get_rng_state(), rng)  # an explicit generator: the global one is untouched
+    assert images.shape == (20, 3, 8, 8) and images.dtype == torch.float32 and images.device == device
+    assert labels.dtype == torch.int64 and labels.device == device and 0 <= labels.min() <= labels.max() < 5
+    assert abs(float(images.mean())) < 0.2 and 0.8 < float(images.std()) < 1.2  # normalised
+    assert all(torch.equal(a, b) for a, b in zip(epoch(1), (images, labels)))  # a fresh build replays the epoch
+    assert torch.equal(epoch(1, start=2)[0], images[8:])  # resumed after batch 2: the rest of the same epoch
+    assert not torch.equal(epoch(2)[0], images) and not torch.equal(epoch(1, seed=1)[0], images)
+    # the two processes' halves of an epoch: the 40 images (train_size <= 64: one per sample), none seen twice
+    both, both_labels = (torch.cat(parts) for parts in zip(epoch(1), epoch(1, rank=1)))
+    assert len(torch.unique(both.flatten(1), dim=0)) == 40
+    # the next epoch reorders the same images, each keeping its label
+    again, again_labels = (torch.cat(parts) for parts in zip(epoch(2), epoch(2, rank=1)))
+    order, again_order = both[:, 0, 0, 0].argsort(), again[:, 0, 0, 0].argsort()
+    assert torch.equal(both[order], again[again_order]) and torch.equal(both_labels[order], again_labels[again_order])
+    # validation: every image once over the processes, the same batches every time
+    parts = [list(build_loaders(config, rank=r, world=3, device=device).val) for r in range(3)]
+    assert sum(len(y) for part in parts for _, y in part) == 10
+    assert all(x.device == device for part in parts for x, _ in part)
+    assert torch.equal(parts[0][0][0], next(iter(build_loaders(config, rank=0, world=3, device=device).val))[0])
 
 
 def test_augmentation_options_run(images):

@@ -13,15 +13,17 @@ pytest.importorskip("ffcv")
 
 import cv2  # noqa: E402
 import numba  # noqa: E402
+from ffcv.pipeline.graph import DecoderNode  # noqa: E402
 from torchvision.transforms import RandomResizedCrop  # noqa: E402
 
 from spartan.train.data import ffcv_writer as write_ffcv  # noqa: E402
 from spartan.train.data.backends.ffcv import FFCVConfig  # noqa: E402
-from spartan.train.data.ffcv_decoder import (
+from spartan.train.data.ffcv_decoder import (  # noqa: E402
     CropResizeDecoder,
     center_crop,
-    flip_horizontally,  # noqa: E402
+    flip_horizontally,
     random_resized_crop,
+    thread_scratch,
 )
 from spartan.train.data.ffcv_loader import ffcv_loaders  # noqa: E402
 from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -29,7 +31,7 @@ from spartan.train.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E
 pytestmark = pytest.mark.timeout(180)
 
 
-IMAGES = 13  # batches of 4 with 2 threads: per-thread scratch rows, then a last batch of 1 (a row per image)
+IMAGES = 13  # batches of 4 with 2 threads, then a last batch of 1: fewer images than threads
 SIZE = 28
 
 
@@ -187,3 +189,31 @@ def test_training_crops_of_the_whole_image_are_resized_and_half_flipped(stored):
 def test_bad_crop_mode_is_refused():
     with pytest.raises(ValueError, match="crop must be 'random' or 'center', got 'middle'"):
         CropResizeDecoder((SIZE, SIZE), crop="middle")
+
+
+@pytest.mark.parametrize("mode", ["jpg", "raw"])
+def test_the_jpeg_scratch_is_a_row_per_thread_and_ffcv_allocates_only_the_output(stored, mode):
+    pixels, files = stored
+    file = str(files[mode])
+    config = FFCVConfig(
+        train_path=file, val_path=file, image_size=SIZE, batch_size=4, num_classes=IMAGES, num_workers=2
+    )
+    loader = ffcv_loaders(config, rank=0, world=1, seed=0, device=torch.device("cpu"), train=False).val
+    node = next(n for n in loader.graph.id_to_node.values() if isinstance(n, DecoderNode) and n.field_name == "image")
+    # FFCV allocates each query for every image of a batch in each of its batch slots (and pins it with CUDA):
+    # the decoder asks it for the output only, not for a full-size decode row per image
+    slots = loader.batches_ahead + 2
+    allocated = loader.graph.allocate_memory(loader.batch_size, slots)["operation"][node.id]
+    assert allocated.shape == (slots, 4, SIZE, SIZE, 3) and allocated.nbytes == slots * 4 * SIZE * SIZE * 3
+    # the scratch: one row per decoding thread, each as large as the largest stored JPEG decoded
+    row = node.decoder.scratch_pixels()
+    assert row == (max(p.shape[0] * p.shape[1] * 3 for p in pixels) if mode == "jpg" else 0)
+    before = numba.get_num_threads()
+    try:
+        for threads in range(1, min(2, numba.config.NUMBA_NUM_THREADS) + 1):
+            numba.set_num_threads(threads)
+            for make in (thread_scratch, numba.njit(thread_scratch)):  # from Python, and compiled as decode calls it
+                scratch = make(row)
+                assert scratch.shape == (threads, row) and scratch.nbytes == threads * row
+    finally:
+        numba.set_num_threads(before)

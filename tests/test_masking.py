@@ -64,7 +64,8 @@ def test_spartan_gradient_equals_autograd_through_the_explicit_formula(block):
     loss_of(effective, model, x, target).backward()
 
     # Ours: detached masks, one op per layer, then the group's correction.
-    correction = GradientCorrection(beta=beta, slope_total=float((cost * soft * (1 - soft)).sum()))
+    correction = GradientCorrection.on(soft.device)
+    correction.set(beta, float((cost * soft * (1 - soft)).sum()))
     members, effective = [], []
     for t, m_t, h_t, c_t in zip(tensors, split(soft, tensors), split(hard, tensors), costs):
         slope = m_t * (1 - m_t)
@@ -73,8 +74,8 @@ def test_spartan_gradient_equals_autograd_through_the_explicit_formula(block):
     loss_of(effective, model, x, target).backward()
     assert correction.pending
     local_only = [t.weight.grad.clone() for t in tensors]
-    correction.apply(members)
-    assert not correction.pending and float(correction.accumulated) == 0.0
+    correction.apply(members, correction.accumulated())
+    assert not correction.pending and float(correction.accumulated()) == 0.0
 
     for t, w in zip(tensors, weights):
         assert torch.allclose(t.weight.grad, w.grad, rtol=1e-9, atol=1e-12), t.name
@@ -90,7 +91,8 @@ def test_correction_accumulates_over_micro_batches():
     def run(batches):
         for t in tensors:
             t.weight.grad = None
-        correction = GradientCorrection(beta=20.0, slope_total=slope_total)
+        correction = GradientCorrection.on(soft.device)
+        correction.set(20.0, slope_total)
         layers = list(zip(tensors, split(soft, tensors), split(hard, tensors), costs))
         for xb, yb in batches:
             effective = [
@@ -98,7 +100,7 @@ def test_correction_accumulates_over_micro_batches():
                 for t, m_t, h_t, c_t in layers
             ]
             (loss_of(effective, model, xb, yb) * len(xb) / len(x)).backward()
-        correction.apply([(t, m_t * (1 - m_t)) for t, m_t, _, _ in layers])
+        correction.apply([(t, m_t * (1 - m_t)) for t, m_t, _, _ in layers], correction.accumulated())
         return [t.weight.grad.clone() for t in tensors]
 
     whole = run([(x, target)])

@@ -487,12 +487,11 @@ def test_a_new_selection_pattern_is_one_class_and_its_registration():
 
         name = "test_2of4"
 
-        def update_group(self, group, budget, beta, tol):
-            quads = group.values.view(-1, 4)
+        def select(self, entries, groups, budgets, betas, tol):
+            quads = entries.values.view(-1, 4)
             keep = torch.zeros_like(quads, dtype=torch.bool).scatter_(1, quads.topk(2, dim=1).indices, True)
-            group.previous_hard, group.hard = group.hard, group.previous_hard
-            group.hard.copy_(keep.view(-1))
-            group.telemetry = {"flip_rate": float((group.hard ^ group.previous_hard).float().mean())}
+            entries.previous_hard, entries.hard = entries.hard, entries.previous_hard
+            entries.hard.copy_(keep.view(-1))
 
     try:
         torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ROOT, compose_train, write_image_folder
+from conftest import ROOT, compose_train, run_cli, write_image_folder
 
 from spartan.train.errors import ConfigError
 from spartan.train.loop import Run
@@ -77,8 +77,48 @@ def test_imagenet_experiments_need_a_data_path(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.path must name a dataset folder for data=imagefolder"):
         compose_train("experiment=resnet50_spartan_s95", "logger=none")
     with pytest.raises(ConfigError, match=r"data\.path .* has no train/ folder"):
-        Run(compose_train("experiment=resnet50_spartan_s95", f"data.path={tmp_path}"), tmp_path / "run")
+        Run(
+            compose_train("experiment=resnet50_spartan_s95", f"data.path={tmp_path}", "trainer.device=cpu"),
+            tmp_path / "run",
+        )
     assert not (tmp_path / "run").exists()
+
+
+GPU_EXPERIMENTS = [e for e in EXPERIMENTS if not e.startswith("digits")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here: the GPU recipes run")
+def test_gpu_recipes_stop_without_cuda_before_building_anything(tmp_path, monkeypatch):
+    for experiment in GPU_EXPERIMENTS:  # every ImageNet recipe uses trainer=gpu: CUDA, cuDNN autotuning
+        trainer = compose_train(f"experiment={experiment}", "data.path=/x").trainer
+        assert (trainer.device, trainer.cudnn_benchmark) == ("cuda", True), experiment
+
+    def build_loaders(*args, **kwargs):
+        raise AssertionError("the data was built before the device was checked")
+
+    monkeypatch.setattr("spartan.train.loop.build_loaders", build_loaders)
+    for overrides in (["trainer=gpu"], ["experiment=resnet50_spartan_s95", "data=synthetic"]):
+        with pytest.raises(ConfigError, match=r"trainer\.device=cuda but CUDA is not available here"):
+            Run(compose_train(*overrides, "logger=none"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # the command line: one error line, exit status 2, nothing written
+    done = run_cli("train.py", "trainer=gpu", "logger=none", f"hydra.run.dir={tmp_path / 'cli'}", cwd=tmp_path)
+    assert done.returncode == 2 and "error: trainer.device=cuda but CUDA is not available here" in done.stderr
+    assert not (tmp_path / "cli").exists()
+
+
+def test_cudnn_benchmark_is_a_bool():
+    from hydra.errors import ConfigCompositionException
+
+    from spartan.train.config import TrainerConfig
+
+    assert compose_train().trainer.cudnn_benchmark is False
+    assert compose_train("trainer.cudnn_benchmark=true").trainer.cudnn_benchmark is True
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_train("trainer.cudnn_benchmark=maybe")
+    assert "Value 'maybe' is not a valid bool" in str(error.value.__cause__)
+    with pytest.raises(ConfigError, match=r"trainer\.cudnn_benchmark must be true or false, got 'yes'"):
+        TrainerConfig(cudnn_benchmark="yes")
 
 
 def test_overrides_compose_as_users_type_them():
@@ -233,3 +273,11 @@ def test_sweep_job_directories_are_named_by_their_overrides_and_fit_a_file_name(
     long = ",".join(f"sparsity.beta_final={k}" for k in range(40))
     name = job_dirname(long)
     assert len(name) == 160 and name != job_dirname(long + "0") and name.startswith(long[:100])
+
+
+def test_model_kwargs_the_model_does_not_take_are_one_clear_error():
+    from spartan.train.config import ModelConfig
+    from spartan.train.models import build_model
+
+    with pytest.raises(ConfigError, match=r"model.kwargs=\{'depth': 3\} rejected by builtin model 'digits_cnn'"):
+        build_model(ModelConfig(kwargs={"depth": 3}), 10, 1)

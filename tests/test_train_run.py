@@ -190,13 +190,14 @@ def finished_run(tmp_path_factory) -> Path:
         (["schedule.epochs=0"], "schedule.epochs must be an integer > 0, got 0"),
         (["data=imagefolder"], "data.path must name a dataset folder for data=imagefolder, got None"),
         (["data=imagefolder", "data.path=/no/such/dir"], "data.path '/no/such/dir' is not a directory"),
-        (["sparsity=block", "sparsity.block=[3,3]"], "block (3, 3) does not divide 0.weight"),
+        # A resumed run compares its config with the checkpoint's first, before building anything.
+        (["sparsity=block", "sparsity.block=[3,3]"], "was trained with sparsity.block=(1, 1), this run has sparsity"),
         (["resume=/no/such/checkpoint.pt"], "resume='/no/such/checkpoint.pt' does not exist"),
         (["sparsity.target=0.8"], "was trained with sparsity.target=0.9, this run has sparsity.target=0.8"),
         (["model=resnet18", "data=synthetic"], "was trained with model.name='digits_cnn'"),
         (["optim=adamw"], "was trained with optim.name='sgd'"),
         (["seed=5"], "was trained with seed=0"),
-        (["+model.kwargs.depth=3"], "model.kwargs={'depth': 3} rejected"),
+        (["+model.kwargs.depth=3"], "was trained with model.kwargs.depth=None, this run has model.kwargs.depth=3"),
     ],
 )
 def test_bad_input_is_one_error_line_and_leaves_the_run_dir_untouched(stopped_run, overrides, message):
@@ -380,13 +381,17 @@ def test_compiled_model_trains(tmp_path, tiny_digits):
 
 
 @pytest.mark.slow
-def test_compiled_model_gives_the_eager_spartan_gradients():
+@pytest.mark.parametrize("method", ["spartan", "topkast", "magnitude"])
+def test_compiled_model_gives_the_eager_gradients(method):
     from spartan import Sparsifier, SparsityConfig
 
     def gradients(compiled: bool) -> list[list[torch.Tensor]]:
         torch.manual_seed(0)
+        torch._dynamo.reset()
         model = digits_cnn()
-        config = SparsityConfig(target=0.8, warmup_frac=0.0, finetune_frac=0.0, beta_init=5, beta_final=5)
+        config = SparsityConfig(
+            method=method, target=0.8, warmup_frac=0.0, finetune_frac=0.0, beta_init=5, beta_final=5
+        )
         sparsifier = Sparsifier(model, config, total_steps=10)
         runner = torch.compile(model) if compiled else model
         x, y = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 10

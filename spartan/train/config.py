@@ -19,7 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 from spartan.config import SparsityConfig
 from spartan.train.data import DataConfig, all_backends
-from spartan.train.errors import ConfigError, choice, finite, positive_int
+from spartan.train.errors import ConfigError, choice, finite, flag, positive_int
 
 MODEL_SOURCES = ("builtin", "torchvision", "timm")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -101,12 +101,17 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    """How steps run: device, precision, memory format, compilation, clipping, accumulation, cadence."""
+    """How steps run: device, precision, memory format, compilation, clipping, accumulation, cadence.
+
+    ``cudnn_benchmark``: cuDNN autotunes the convolution algorithms for each new input shape (faster for the fixed
+    shapes of a training run; the chosen algorithms, and thus rounding, may differ between runs); CUDA only,
+    ignored on the CPU (:func:`spartan.train.device.configure_backend`)."""
 
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     amp: str = "auto"  # auto: bf16 on CUDA, none on CPU
     channels_last: bool = False
     compile: bool = False
+    cudnn_benchmark: bool = False  # cuDNN autotuning (CUDA only)
     grad_clip: float | None = None  # max global gradient norm; null = off
     accumulate: int = 1  # micro-batches per optimizer step
     label_smoothing: float = 0.1
@@ -122,6 +127,8 @@ class TrainerConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         choice("trainer.amp", self.amp, AMP_MODES)
+        for key in ("channels_last", "compile", "cudnn_benchmark"):
+            flag(f"trainer.{key}", getattr(self, key))
         if self.grad_clip is not None:
             finite("trainer.grad_clip", self.grad_clip, 0.0, low_inclusive=False)
         for key in ("accumulate", "eval_every", "checkpoint_every", "log_every"):

@@ -16,6 +16,11 @@ def positive_int(key: str, value: Any) -> None:
         raise ConfigError(f"{key} must be an integer > 0, got {value!r}")
 
 
+def flag(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
 def finite(key: str, value: Any, low: float, *, low_inclusive: bool = True) -> None:
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if low_inclusive else value > low)
     if not ok:

@@ -25,11 +25,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from spartan import kernels
 from spartan.train.checkpoint import LAST, Checkpoint
 from spartan.train.config import TrainConfig
 from spartan.train.data import Loaders, build_loaders
 from spartan.train.data.transforms import batch_mixer
-from spartan.train.device import autocast, memory_format, resolve_amp, resolve_device
+from spartan.train.device import (
+    autocast,
+    configure_backend,
+    describe_device,
+    memory_format,
+    resolve_amp,
+    resolve_device,
+)
 from spartan.train.distributed import (
     all_reduce_sum,
     any_process,
@@ -83,6 +91,7 @@ class Run:
             raise AlreadyFinished(f"{self.run_dir} holds a finished run (model_final.pt, summary.json)")
         trainer = config.trainer
         self.device = resolve_device(trainer.device, self.process)
+        self.backend = configure_backend(self.device, trainer.cudnn_benchmark)  # cuDNN autotuning on CUDA
         self.amp_dtype = resolve_amp(trainer.amp, self.device, config.data.image_dtype())
         # Rank 0 decides (the ranks' filesystems may differ); a fresh run must not overwrite an earlier one.
         resume_path = resolve_resume(config.resume, self.run_dir) if self.is_main else None
@@ -91,6 +100,10 @@ class Run:
         if resume_path is None and config.resume != "auto" and self.is_main:
             check_fresh_run_dir(self.run_dir)
         self.resume_path = resume_path
+        # The checkpoint's config is compared before anything expensive (data, model, kernel compilation).
+        checkpoint = Checkpoint.load(resume_path) if resume_path is not None else None
+        if checkpoint is not None:
+            checkpoint.check_config(dataclasses.asdict(config))
         self.wandb_mode = resolve_wandb_mode(config.logger) if self.is_main else None
         if trainer.threads:
             torch.set_num_threads(trainer.threads)
@@ -118,15 +131,15 @@ class Run:
         self.progress = Progress()
         self.val_metrics: dict[str, float] = {}
         self.within_epoch: dict[str, Any] | None = None  # this process's part of a mid-epoch checkpoint
-        if resume_path is not None:
-            self._restore(resume_path)
+        if checkpoint is not None:
+            self._restore(checkpoint)
         self.metrics: MetricLogger | None = None
         self.runner: nn.Module = self.model
         self.signals: StopSignals | None = None  # set by train(): stop requests checked at every step boundary
         self.last_checkpoint = time.monotonic()
 
-    def _restore(self, path: Path) -> None:
-        checkpoint = Checkpoint.load(path)
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        path = checkpoint.path
         checkpoint.check_resume(
             dataclasses.asdict(self.config), self.amp_dtype, self.config.trainer.amp, self.steps_per_epoch
         )
@@ -173,6 +186,9 @@ class Run:
         if self.process.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.runner = nn.parallel.DistributedDataParallel(self.compiled, device_ids=ids)
+        if self.is_main:
+            device = {**describe_device(self.device), **self.backend, "topk_kernels": kernels.path()}
+            log.info("device: " + ", ".join(f"{key} {value}" for key, value in device.items()))
         if self.resume_path is not None:
             log.info(f"resumed from {self.resume_path} at epoch {self.progress.epoch}, step {self.progress.step}")
 
@@ -336,6 +352,7 @@ class Run:
         return telemetry
 
     def _log_train(self, epoch: int, window: dict, telemetry: dict, bar: tqdm) -> None:
+        self.sparsifier.check_consistency()  # every rank logs: a cheap collective that stops diverged masks
         loss_sum, correct, samples = all_reduce_sum(
             [float(window["loss"]), float(window["correct"]), window["samples"]], self.device
         )
@@ -349,8 +366,9 @@ class Run:
             "img_per_s": samples / seconds,
             "sparsity_target": 1 - telemetry["density_target"],
             **self.sparsifier.sparsity(),
-            **{k: telemetry[k] for k in ("beta", "flip_rate", "solver_iterations", "lam") if k in telemetry},
+            **{k: float(telemetry[k]) for k in ("beta", "flip_rate", "solver_iterations", "lam") if k in telemetry},
             "frozen": telemetry["frozen"],
+            "topk_kernels": kernels.path(),
         }
         self.last_train = record
         self.metrics.log(record, step=self.progress.step)
@@ -452,7 +470,8 @@ class Run:
             "processes": self.process.world,
             "seed": self.config.seed,
             "git": git_version(),
-            "env": environment(self.process.world),
+            "env": environment(self.process.world, self.device),
+            "topk_kernels": kernels.path(),
             "model_final": str(self.run_dir / "model_final.pt"),
             "metrics": str(self.run_dir / "metrics.jsonl"),
         }

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from spartan.train.device import describe_device
+
 
 def git_version() -> str:
     """``<commit>`` of the code that runs, ``+dirty`` if it has uncommitted changes, or ``unknown``."""
@@ -31,11 +33,15 @@ def git_version() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def environment(world: int) -> dict[str, Any]:
-    """Python/torch/torchvision versions, platform, host, processes, CPU threads, the command line; CUDA and GPU."""
+def environment(world: int, device: torch.device | None = None) -> dict[str, Any]:
+    """Python/torch/torchvision versions, platform, host, processes, CPU threads, the command line, and ``device``
+    described by :func:`~spartan.train.device.describe_device` (GPU, CUDA, driver, cuDNN; or the CPU). ``device``
+    defaults to this process's current GPU when CUDA is available, else the CPU."""
     import torchvision
 
-    env = {
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return {
         "python": sys.version.split()[0],
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),
@@ -44,7 +50,5 @@ def environment(world: int) -> dict[str, Any]:
         "processes": world,
         "cpu_threads": torch.get_num_threads(),
         "command": " ".join(sys.argv),
+        "device": describe_device(device),
     }
-    if torch.cuda.is_available():
-        env.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name())
-    return env

@@ -10,10 +10,11 @@ size cannot break a resume. The streams (ids in order):
   main process's augmentation);
 - ``workers`` (rank, epoch): the generator DataLoader worker seeds are drawn from;
 - ``order`` (): the training order's seed, to which samplers add the epoch; ``order`` (epoch) where a sampler
-  needs one seed per epoch (repeated augmentation);
+  needs one seed per epoch (repeated augmentation, ``data=synthetic``);
 - ``shards`` (epoch, pass): WebDataset's shard order;
 - ``samples`` (rank, epoch, position): the augmentation of the sample at ``position`` of one process's epoch (map-style
-  backends that augment), so a run resumed mid-epoch draws the same augmentations whatever worker decodes them.
+  backends that augment), so a run resumed mid-epoch draws the same augmentations whatever worker decodes them;
+- ``synthetic`` (split): the images and labels of ``data=synthetic`` (split 0 training, 1 validation).
 
 A checkpoint written mid-epoch also holds the RNG states of that moment (:func:`rng_state`).
 
@@ -28,7 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-STREAMS: dict[str, tuple[int, ...]] = {"process": (), "workers": (1,), "order": (2,), "shards": (3,), "samples": (4,)}
+STREAMS: dict[str, tuple[int, ...]] = {
+    "process": (),
+    "workers": (1,),
+    "order": (2,),
+    "shards": (3,),
+    "samples": (4,),
+    "synthetic": (5,),
+}
 
 
 def derive_seed(seed: int, stream: str, *ids: int) -> int:

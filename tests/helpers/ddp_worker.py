@@ -2,12 +2,14 @@
 
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from spartan import Sparsifier, SparsityConfig
+from spartan.diagnostics import HostReads
 
 
 def build() -> nn.Module:
@@ -85,11 +87,70 @@ def run(rank: int, world: int, steps: int) -> dict:
     return record
 
 
+def run_consistency_check(rank: int, world: int, steps: int) -> dict:
+    """Steps under DDP with the mask check each step (reads in finish_backward counted), then one mask bit
+    flipped on rank 1 only: the check must stop every rank."""
+    model = build()
+    config = SparsityConfig(method="spartan", target=0.8, warmup_frac=0.0, finetune_frac=0.0)
+    sparsifier = Sparsifier(model, config, total_steps=steps + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trained = nn.parallel.DistributedDataParallel(model)
+    reads = []
+    for step in range(steps):
+        x, y = batch(step)
+        nn.functional.cross_entropy(trained(x[rank::world]), y[rank::world]).backward()
+        with HostReads() as counted:
+            sparsifier.finish_backward()
+        reads.extend(counted.calls)
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        sparsifier.check_consistency()
+    if rank == 1:
+        sparsifier.entries.hard[5] = ~sparsifier.entries.hard[5]
+    try:
+        sparsifier.check_consistency()
+        error = None
+    except RuntimeError as err:
+        error = str(err)
+    return {"finish_backward_reads": reads, "error": error}
+
+
+def run_channels_last(rank: int, world: int, channels_last: bool, steps: int = 2) -> dict:
+    """Spartan on 1×1 and 3×3 convolutions under DDP, in either memory format: gradients and DDP's warnings."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10)
+    )
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    config = SparsityConfig(method="spartan", target=0.7, warmup_frac=0.0, finetune_frac=0.0)
+    sparsifier = Sparsifier(model, config, total_steps=steps + 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trained = nn.parallel.DistributedDataParallel(model)
+    grads = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            x, y = batch(step)
+            x = x[rank::world].contiguous(memory_format=layout)
+            nn.functional.cross_entropy(trained(x), y[rank::world]).backward()
+            sparsifier.finish_backward()
+            grads.append([t.weight.grad.contiguous().clone() for t in sparsifier.tensors])
+            optimizer.step()
+            optimizer.zero_grad()
+            sparsifier.step()
+    return {"grads": grads, "warnings": [str(w.message) for w in caught]}
+
+
 if __name__ == "__main__":
     rank, world, out = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
     dist.init_process_group("gloo")
     torch.save(run(rank, world, steps=3), f"{out}/rank{rank}.pt")
     torch.save(run_with_skipped_layer(rank, world, steps=3), f"{out}/skip_rank{rank}.pt")
+    torch.save(run_consistency_check(rank, world, steps=2), f"{out}/check_rank{rank}.pt")
+    for channels_last in (False, True):
+        torch.save(run_channels_last(rank, world, channels_last), f"{out}/layout{int(channels_last)}_rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

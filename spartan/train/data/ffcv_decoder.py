@@ -6,8 +6,10 @@ random-resized-crop rule — and is faster on few cores (``scripts/bench_loaders
 
 - images go to the decoding threads one at a time (numba's chunk size 1), not in fixed shares: a stored JPEG
   costs several times a raw image, so a fixed split leaves threads waiting for the slowest;
-- each thread decodes its JPEGs into one scratch buffer of its own, which stays in cache, instead of one buffer per
-  image of the batch;
+- each thread decodes its JPEGs into one scratch row of its own (:func:`thread_scratch`), which stays in cache,
+  instead of one buffer per image of the batch; the scratch is allocated per batch, one row per decoding thread,
+  not by FFCV, which would allocate (and, with CUDA, pin) one full-size row per image of the batch for each of its
+  batch slots (``batches_ahead + 2``); only the output is per image;
 - the flip is done in place right after the resize, not by copying the whole batch once more.
 
 The crop and flip draws come from numba's per-thread generators (not reproducible, as in FFCV).
@@ -57,6 +59,13 @@ def random_resized_crop(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
+def thread_scratch(pixels: int) -> np.ndarray:
+    """Uninitialised uint8 scratch, one row of ``pixels`` bytes (the largest stored JPEG's height × width × 3) per
+    decoding thread: ``numba.get_num_threads()`` rows where it is called, row ``numba.get_thread_id()`` for each
+    thread. Compiled by numba; callable from Python as it is."""
+    return np.empty((numba.get_num_threads(), pixels), np.uint8)
+
+
 def center_crop(height: int, width: int, ratio: float) -> tuple[int, int, int, int]:
     """``(top, left, side, side)``: the centred square whose side is ``ratio`` × the short side (0.875 = 224/256)."""
     side = max(1, int(ratio * min(height, width)))
@@ -98,15 +107,19 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         self.center_ratio = float(center_ratio)
         self.flip_prob = float(flip_prob)
 
-    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        """The output, H×W×3 uint8 per image: FFCV's only allocation (the JPEG scratch is per thread, in the decode)."""
         height, width = self.output_size
-        largest = np.uint64(self.metadata["height"].max()) * np.uint64(self.metadata["width"].max()) * np.uint64(3)
         uint8 = np.dtype("<u1")
-        # FFCV allocates every query once per image of a batch; the scratch rows are used one per thread
         return (
             replace(previous_state, jit_mode=True, shape=(height, width, 3), dtype=uint8),
-            (AllocationQuery((height, width, 3), uint8), AllocationQuery((largest,), uint8)),
+            AllocationQuery((height, width, 3), uint8),
         )
+
+    def scratch_pixels(self) -> int:
+        """Bytes of one scratch row: the largest stored JPEG decoded (height × width × 3); 0 without JPEGs."""
+        jpegs = self.metadata[self.metadata["mode"] == IMAGE_MODES["jpg"]]
+        return int((jpegs["height"].astype(np.int64) * jpegs["width"]).max() * 3) if len(jpegs) else 0
 
     def generate_code(self) -> Callable:
         read = self.memory_read
@@ -116,27 +129,26 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         random_crop = Compiler.compile(random_resized_crop)
         centred_crop = Compiler.compile(center_crop)
         mirror = Compiler.compile(flip_horizontally)
+        scratch_rows = Compiler.compile(thread_scratch)
+        pixels = self.scratch_pixels()
         is_random = self.crop == "random"
         scale_low, scale_high = self.scale
         log_ratio_low, log_ratio_high = self.log_ratio
         center_ratio, flip_prob = self.center_ratio, self.flip_prob
         jpeg = IMAGE_MODES["jpg"]
 
-        def decode(batch_indices, buffers, metadata, storage_state):
-            destination, scratch = buffers
+        def decode(batch_indices, destination, metadata, storage_state):
             count = len(batch_indices)
-            row_per_thread = count >= numba.get_num_threads()  # else a row per image: a short last batch
+            scratch = scratch_rows(pixels)
             previous_chunk = numba.set_parallel_chunksize(1)
             for i in parallel_range(count):
                 field = metadata[batch_indices[i]]
                 height, width = np.int64(field["height"]), np.int64(field["width"])
                 data = read(field["data_ptr"], storage_state)
                 if field["mode"] == jpeg:
-                    # both int64: numba would unify the thread id and the loop index to float64
-                    row = np.int64(numba.get_thread_id()) if row_per_thread else np.int64(i)
-                    pixels = scratch[row][: height * width * 3]
-                    decode_jpeg(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = pixels.reshape(height, width, 3)
+                    decoded = scratch[numba.get_thread_id()][: height * width * 3]
+                    decode_jpeg(data, decoded, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = decoded.reshape(height, width, 3)
                 else:
                     image = data.reshape(height, width, 3)
                 if is_random:

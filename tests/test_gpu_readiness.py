@@ -1,0 +1,82 @@
+"""Properties the GPU paths rely on, checked on the CPU: few host reads per step, a traceable backward."""
+
+import pytest
+import torch
+import torchvision
+
+from spartan import Sparsifier, SparsityConfig, kernels
+from spartan.diagnostics import HostReads
+
+
+@pytest.fixture
+def eager_kernels():
+    kernels.set_compile(False)  # the counts are the same on both paths; eager keeps this test fast
+    yield
+    kernels.set_compile(True)
+
+
+def sgd_step(model: torch.nn.Module, x: torch.Tensor, sparsifier: Sparsifier) -> list[str]:
+    """forward, backward, the Sparsifier's backward hook, a plain SGD update; returns finish_backward's reads."""
+    model(x).square().mean().backward()
+    with HostReads() as reads:
+        sparsifier.finish_backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.05 * p.grad)
+            p.grad = None
+    return reads.calls
+
+
+@pytest.mark.parametrize(
+    "method, allocation",
+    [("spartan", "global"), ("spartan", "uniform"), ("spartan", "erk"), ("topkast", "erk"), ("magnitude", "uniform")],
+)
+def test_a_step_reads_the_host_at_most_8_times(eager_kernels, method, allocation):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)  # 21 masked tensors: 21 groups when not global
+    config = SparsityConfig(method=method, target=0.9, allocation=allocation)
+    sparsifier = Sparsifier(model, config, total_steps=2000)
+    x = torch.randn(2, 3, 32, 32)
+    for step in range(4):
+        assert sgd_step(model, x, sparsifier) == []  # finish_backward never waits for the device
+        with HostReads() as reads:
+            telemetry = sparsifier.step()
+        if step > 0:  # the first step after the dense start solves cold, from a sample
+            assert reads.count <= 8, reads.calls
+    assert 0 <= float(telemetry["flip_rate"]) <= 1  # telemetry stays on the device until read
+
+
+@pytest.mark.parametrize("method", ["spartan", "topkast"])  # magnitude's forward is topkast's without a backward
+def test_the_masked_forward_and_backward_trace_as_one_graph(method):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    Sparsifier(model, SparsityConfig(method=method, target=0.9, warmup_frac=0.0), total_steps=10)
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:3]
+
+
+def test_the_kernel_path_is_reported():
+    assert kernels.path() == "compiled"
+    kernels.set_compile(False)
+    try:
+        assert kernels.path().startswith("eager: turned off")
+    finally:
+        kernels.set_compile(True)
+
+
+def test_the_gpu_check_dry_runs_every_section_on_the_cpu(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    out = tmp_path / "check.json"
+    command = [sys.executable, str(script), "--quick", "--device", "cpu", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(
+        ("env", "kernels", "determinism", "syncs", "steps", "ddp"), "ok"
+    )
+    assert "| steps | ok |" in done.stdout
