@@ -4,6 +4,8 @@ Each kernel is plain PyTorch over one flat slice and returns two float64 vectors
 partial maxima, so the same code runs two ways: compiled by ``torch.compile`` over the whole vector (one
 fused loop, no temporaries) for large inputs, or eagerly over fixed-size chunks (bounded temporaries) for
 small inputs and wherever compilation is unavailable; the chunks' sums add up and their maxima combine.
+``band_pass`` alone has an eager twin (``_band_pass_eager``, the same results): what Inductor vectorizes well and
+what eager PyTorch runs fast differ for its bool and uint8 work.
 """
 
 from __future__ import annotations
