@@ -10,6 +10,7 @@ steps, ddp. Prints a table and writes JSON (default docs/gpu_check_<device>.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -198,7 +199,7 @@ def section_ddp(args, device: torch.device) -> dict:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 for half in (slice(0, 2), slice(2, 4)):  # two micro-batches, synchronized on the last
-                    context = runner.no_sync() if distributed and half.start == 0 else _nothing()
+                    context = runner.no_sync() if distributed and half.start == 0 else contextlib.nullcontext()
                     with context:
                         nn.functional.cross_entropy(runner(x[half]), y[half]).backward()
                 sparsifier.finish_backward()
@@ -211,14 +212,6 @@ def section_ddp(args, device: torch.device) -> dict:
         return {"backend": backend, "max_grad_difference": worst, "stride_warnings": 0}
     finally:
         dist.destroy_process_group()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def small_model() -> nn.Module:

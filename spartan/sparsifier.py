@@ -36,7 +36,7 @@ from spartan.costs import cost_factors, flops_per_weight
 from spartan.layers import MaskedTensor, find_masked_tensors
 from spartan.masking import GradientCorrection
 from spartan.methods import Entries, Group, LayerMask, build_method
-from spartan.topk import SoftSolve
+from spartan.topk import SoftSolve, write_soft_masks
 
 
 class Sparsifier:
@@ -302,24 +302,20 @@ class Sparsifier:
         table[:, 1] = torch.stack([g.correction.slope_total for g in self.groups])
         src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
         dist.broadcast(table, src=src, group=self.process_group)
-        values, soft, costs = self.entries.values, self.entries.soft, self.entries.costs
-        for group, (lam, slope_total) in zip(self.groups, table.unbind(0)):
+        solved = []  # trivial budgets (no λ) have the same constant mask everywhere
+        for k, (group, (lam, slope_total)) in enumerate(zip(self.groups, table.unbind(0))):
             group.correction.slope_total.copy_(slope_total)
             group.agreed_lam = lam
-            if group.lam is None:  # a trivial budget: the constant mask is the same everywhere
-                continue
-            lam_hi = lam.to(values.dtype)
-            lam_lo = (lam - lam_hi.double()).to(values.dtype)
-            beta_t = group.correction.beta.to(values.dtype)
-            part = group.part
-            kernels.launch(
-                kernels.soft_mask_pass,
-                values[part],
-                None if costs is None else costs[part],
-                soft[part],
-                lam_hi,
-                lam_lo,
-                beta_t,
+            if group.lam is not None:
+                solved.append(k)
+        if solved:
+            write_soft_masks(
+                self.entries.values,
+                [self.groups[k].part for k in solved],
+                self.entries.costs,
+                self.entries.soft,
+                torch.stack([table[k, 0] for k in solved]),  # no index tensor sent to the device
+                torch.stack([self.groups[k].correction.beta for k in solved]),
             )
 
     def check_consistency(self) -> None:

@@ -327,10 +327,7 @@ def soft_topk_groups(
         for k, x in enumerate(start):
             if isinstance(x, Tensor):
                 lam[k].copy_(x)
-        lam_hi = lam.to(u.dtype)
-        # λ split in two floats of u's dtype: u − λ keeps float64 accuracy in float32 arithmetic.
-        lam_lo = (lam - lam_hi.double()).to(u.dtype)
-        scalars = torch.stack([lam_hi, lam_lo, beta.to(u.dtype)], 1)
+        scalars = _soft_mask_scalars(lam, beta, u.dtype)
         sums = [
             kernels.launch(kernels.soft_mask_pass, u[parts[g]], _part(costs, parts[g]), out[parts[g]], *scalars[k])
             for k, g in enumerate(active)
@@ -355,6 +352,24 @@ def soft_topk_groups(
             search.lam, search.passes, search.error, search.slope, search.moment, search.budget, search.beta
         )
     return solves
+
+
+def _soft_mask_scalars(lam: Tensor, beta: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows ``[λ_hi, λ_lo, β]`` in ``dtype`` for :func:`kernels.soft_mask_pass`, from float64 vectors ``lam`` and
+    ``beta``: λ split in two floats so that ``u − λ`` keeps float64 accuracy in float32 arithmetic."""
+    lam_hi = lam.to(dtype)
+    lam_lo = (lam - lam_hi.double()).to(dtype)
+    return torch.stack([lam_hi, lam_lo, beta.to(dtype)], 1)
+
+
+def write_soft_masks(
+    u: Tensor, parts: list[slice], costs: Tensor | None, out: Tensor, lam: Tensor, beta: Tensor
+) -> None:
+    """Write each group's soft mask ``sigmoid(β (u − λ))`` into ``out[part]`` at a given λ and β (float64 device
+    vectors, one entry per part): one pass each, nothing read on the host."""
+    scalars = _soft_mask_scalars(lam, beta, u.dtype)
+    for k, part in enumerate(parts):
+        kernels.launch(kernels.soft_mask_pass, u[part], _part(costs, part), out[part], *scalars[k])
 
 
 def _halley_step(f: float, beta: float, slope: float, curvature: float) -> float:
