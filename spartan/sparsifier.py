@@ -387,6 +387,7 @@ class Sparsifier:
                 for tensor, layer in zip(self.tensors, self.layers):
                     parametrize.remove_parametrizations(tensor.module, tensor.attr, leave_parametrized=False)
                     tensor.weight.mul_(tensor.expand(layer.keep))
+                    tensor.weight.masked_fill_(tensor.weight == 0, 0.0)  # −0.0 (w < 0 times 0) as +0.0: one zero
         self.finalized = True
         return self.model
 

@@ -86,6 +86,7 @@ def test_the_library_imports_no_trainer_hydra_wandb_or_data_code():
 # Import names whose distribution (pyproject.toml) is named differently.
 DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow", "cv2": "opencv-python", "hydra": "hydra-core"}
 USED_IF_INSTALLED = {"cupy"}  # imported under try/except ImportError: FFCV's GPU normalization when present
+OPTIONAL_LIBRARY = {"spartan.onnx_export": "export"}  # library modules that need an extra's packages
 OPTIONAL_LOADERS = {
     "ffcv": ("spartan.train.data.ffcv_", "ffcv"),
     "webdataset": ("spartan.train.data.webdataset_", "webdataset"),
@@ -123,7 +124,7 @@ def test_pyproject_declares_what_each_part_imports():
     for name in MODULES:
         needed = third_party(name)
         if not name.startswith("spartan.train"):
-            group = "core"
+            group = OPTIONAL_LIBRARY.get(name, "core")
         else:
             group = next((extra for extra, (prefix, _) in OPTIONAL_LOADERS.items() if name.startswith(prefix)), "train")
         missing = needed - extras[group] - extras["core"] - USED_IF_INSTALLED

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spartan import compressed
 from spartan.config import SparsityConfig, first_difference
 from spartan.train.errors import ConfigError
 from spartan.train.files import atomic_save
@@ -181,6 +182,9 @@ class Checkpoint:
 
 
 def load_weights(path: Path) -> Checkpoint | dict[str, torch.Tensor]:
-    """A weights file for evaluation: a training :class:`Checkpoint`, or a plain state_dict (``model_final.pt``)."""
+    """A weights file for evaluation: a training :class:`Checkpoint`, or a plain state_dict (``model_final.pt``,
+    or a compressed ``model_sparse.pt``, expanded)."""
     state = _read(path, "checkpoint")
+    if compressed.is_compressed(state):
+        return compressed.decompress(state)
     return Checkpoint._checked(state, path, "checkpoint") if _is_checkpoint(state) else state

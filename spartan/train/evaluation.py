@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 from torch import nn
 
 from spartan import measure_sparsity
+from spartan.train import cli
 from spartan.train.checkpoint import Checkpoint, load_weights
 from spartan.train.config import TrainConfig
-from spartan.train.data import build_loaders
+from spartan.train.data import build_loaders, get_backend
 from spartan.train.device import autocast, memory_format, resolve_amp, resolve_device
 from spartan.train.distributed import all_reduce_sum, current_process
 from spartan.train.errors import ConfigError
@@ -70,6 +73,23 @@ def evaluate(
     model.train(was_training)
     loss_sum, correct1, correct5, count = all_reduce_sum([loss_sum, correct1, correct5, count], device)
     return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "images": int(count)}
+
+
+def run_config(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> TrainConfig:
+    """The run's own config (``.hydra/config.yaml``) with ``overrides`` (``{"data": {...}, "trainer": {...}}``),
+    validated against the schema of the run's ``data=`` option."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"run_dir={str(run_dir)!r} has no .hydra/config.yaml (not a train.py run directory)")
+    saved = OmegaConf.load(path)
+    schema = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig), {"data": OmegaConf.structured(get_backend(saved.data.name).schema)}
+    )
+    try:
+        merged = OmegaConf.merge(schema, saved, overrides, {"resume": None})
+    except ConfigKeyError as err:
+        raise ConfigError(f"{err.full_key} is not a key of data={saved.data.name} (the run's data option)") from None
+    return cli.to_dataclass(merged)
 
 
 def find_weights(run_dir: Path | None, checkpoint: Path | None) -> tuple[Path, Path]:

@@ -1,0 +1,328 @@
+"""Sparse inference: a finalized model's Linear layers and 1×1 convolutions computed from their non-zero weights.
+
+:func:`sparsify_for_inference` times, for every layer with zeros, each kernel that fits its pattern on the input
+the layer really sees (one forward pass of an example batch, at the current ``torch.get_num_threads()``), and
+swaps in a :class:`SparseLinear` or :class:`SparseConv1x1` running the fastest one, or leaves the layer as it is
+when dense wins. The sparse kernels compute ``W @ xᵀ``, the sparse weight being the left operand as MKL's sparse
+routines and small GEMMs want it:
+
+- ``csr`` / ``bsr``: ``torch.addmm`` of the weight as a sparse CSR / BSR tensor and the dense activations;
+- ``block_rows``: for weights zero in whole ``bh × bw`` blocks, one dense GEMM per row of blocks over the
+  activation rows its kept blocks read (gathered with ``index_select``): small dense GEMMs instead of a sparse one;
+- ``blocks``: one ``bh × bw`` GEMM per kept block, accumulated into its rows of the output: no gather, one call
+  per block (wins with many tokens, loses to the call overhead with few).
+
+A layer whose output goes (through elementwise ops) to another sparse layer returns it transposed, as a
+``(tokens, features)`` view of the ``(features, tokens)`` product, so that a chain such as fc1 → GELU → fc2 passes
+activations without transposing copies; other outputs are copied back to the usual layout. Outputs equal the
+dense layer's within float32 rounding; the modules work under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+SPARSE_KERNELS = ("csr", "bsr", "block_rows", "blocks")
+BLOCK_KERNELS = ("bsr", "block_rows", "blocks")
+"""The kernels that need the weight to be zero in whole blocks."""
+KERNELS = ("dense", *SPARSE_KERNELS)
+
+
+class SparseMatmul(nn.Module):
+    """``W @ xt + b[:, None]`` for a fixed ``(out, in)`` weight ``W`` in one of :data:`SPARSE_KERNELS`."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, kernel: str, block: tuple[int, int] = (1, 1)):
+        super().__init__()
+        if kernel not in SPARSE_KERNELS:
+            raise ValueError(f"kernel must be one of {SPARSE_KERNELS}, got {kernel!r}")
+        weight = weight.detach().contiguous()
+        self.kernel, self.block = kernel, block
+        self.out_features, self.in_features = weight.shape
+        bias = torch.zeros(self.out_features, dtype=weight.dtype) if bias is None else bias.detach()
+        self.register_buffer("bias", bias.reshape(-1, 1).clone(), persistent=False)
+        self.row_groups: list[tuple[int, Tensor, Tensor]] = []
+        self.blocks: list[tuple[int, int, Tensor]] = []
+        if kernel in ("csr", "bsr"):
+            with warnings.catch_warnings():  # torch's "sparse CSR support is in beta", once per layer
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                sparse = weight.to_sparse_csr() if kernel == "csr" else weight.to_sparse_bsr(block)
+            self.register_buffer("weight", sparse, persistent=False)
+        elif kernel == "block_rows":
+            self.row_groups = _row_groups(weight, block)
+        else:
+            self.blocks = _kept_blocks(weight, block)
+
+    def forward(self, xt: Tensor) -> Tensor:
+        """``xt``: ``(in, tokens)``; returns ``(out, tokens)``."""
+        if self.kernel in ("csr", "bsr"):
+            return torch.addmm(self.bias, self.weight, xt)
+        # Starting from a copy of the bias measured faster than a first GEMM with beta=0 per row plus adding the
+        # bias in the copy to the output layout: a transposing add is slower than torch's transposing copy.
+        tokens, (bh, bw) = xt.shape[1], self.block
+        out = self.bias.expand(-1, tokens).contiguous()
+        out_rows = out.view(-1, bh, tokens).unbind(0)  # views made in one call: a slice per GEMM costs more
+        for row, columns, weights in self.row_groups:
+            out_rows[row].addmm_(weights, xt.index_select(0, columns))
+        if self.blocks:
+            in_rows = xt.view(-1, bw, tokens).unbind(0)
+            for row, column, weights in self.blocks:
+                out_rows[row].addmm_(weights, in_rows[column])
+        return out
+
+
+def _kept(weight: Tensor, block: tuple[int, int]) -> Tensor:
+    """Which ``block``s of ``weight`` hold a non-zero: ``(out/bh, in/bw)`` bools."""
+    (bh, bw), (out_features, in_features) = block, weight.shape
+    return weight.reshape(out_features // bh, bh, in_features // bw, bw).ne(0).any(3).any(1)
+
+
+def _row_groups(weight: Tensor, block: tuple[int, int]) -> list[tuple[int, Tensor, Tensor]]:
+    """Per row of blocks with any kept block: (its index, the input rows it reads, its weights on them)."""
+    (bh, bw), groups = block, []
+    for row, kept in enumerate(_kept(weight, block)):
+        columns = (kept.nonzero().flatten()[:, None] * bw + torch.arange(bw)).flatten()
+        if columns.numel():
+            groups.append((row, columns, weight[row * bh : (row + 1) * bh, columns].contiguous()))
+    return groups
+
+
+def _kept_blocks(weight: Tensor, block: tuple[int, int]) -> list[tuple[int, int, Tensor]]:
+    """Per kept block: (its row of blocks, its column of blocks, its ``bh × bw`` weights)."""
+    bh, bw = block
+    return [
+        (row, column, weight[row * bh : (row + 1) * bh, column * bw : (column + 1) * bw].contiguous())
+        for row, column in _kept(weight, block).nonzero().tolist()
+    ]
+
+
+class SparseLayer(nn.Module):
+    """A layer computed by a :class:`SparseMatmul` on its input as ``(in, tokens)``.
+
+    With ``transposed_output`` the result is returned as a view of the ``(out, tokens)`` product, which saves a
+    transposing copy when the next sparse layer reads it (through elementwise ops); otherwise it is copied to the
+    layer's usual layout, which other consumers (attention, dense convolutions) need for their fast paths.
+    :func:`sparsify_for_inference` sets it from where the outputs go."""
+
+    def __init__(self, matmul: SparseMatmul):
+        super().__init__()
+        self.matmul = matmul
+        self.transposed_output = False
+
+    def tokens_first(self, x: Tensor) -> Tensor:
+        """The input with its features first: contiguous when ``x`` is a transposed output, else a strided view."""
+        raise NotImplementedError
+
+    def output_view(self, out: Tensor, x: Tensor, xt: Tensor) -> Tensor:
+        """The ``(out, tokens)`` product viewed in the layer's output shape."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        xt = self.tokens_first(x)
+        view = self.output_view(self.matmul(xt.contiguous().view(self.matmul.in_features, -1)), x, xt)
+        return view if self.transposed_output else view.contiguous()
+
+
+class SparseLinear(SparseLayer):
+    """An ``nn.Linear`` on ``(..., in_features)``."""
+
+    def __init__(self, linear: nn.Linear, kernel: str, block: tuple[int, int] = (1, 1)):
+        super().__init__(SparseMatmul(linear.weight, linear.bias, kernel, block))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def tokens_first(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, self.in_features).t()
+
+    def output_view(self, out: Tensor, x: Tensor, xt: Tensor) -> Tensor:
+        return out.t().view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kernel={self.matmul.kernel}"
+
+
+class SparseConv1x1(SparseLayer):
+    """A 1×1 ``nn.Conv2d`` (any stride, no groups or padding) on ``(N, in, H, W)``, every pixel a token."""
+
+    def __init__(self, conv: nn.Conv2d, kernel: str, block: tuple[int, int] = (1, 1)):
+        if not is_sparse_conv_candidate(conv):
+            raise ValueError(f"SparseConv1x1 takes a 1×1 convolution without groups or padding, got {conv}")
+        super().__init__(SparseMatmul(conv.weight.flatten(1), conv.bias, kernel, block))
+        self.stride = conv.stride
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+
+    def tokens_first(self, x: Tensor) -> Tensor:
+        """``(in, N, H', W')``: the pixels the stride keeps."""
+        return x[:, :, :: self.stride[0], :: self.stride[1]].transpose(0, 1)
+
+    def output_view(self, out: Tensor, x: Tensor, xt: Tensor) -> Tensor:
+        return out.view(self.out_channels, *xt.shape[1:]).transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel={self.matmul.kernel}"
+
+
+def is_sparse_conv_candidate(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.groups == 1
+        and module.padding in ((0, 0), "valid")
+        and module.dilation == (1, 1)
+    )
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`sparsify_for_inference` measured for one layer (milliseconds per call, median)."""
+
+    name: str
+    shape: tuple[int, int]
+    density: float
+    block: tuple[int, int]
+    times_ms: dict[str, float]
+    kernel: str
+    transposed_output: bool = False
+
+    @property
+    def speedup(self) -> float:
+        """Dense time over the chosen kernel's time."""
+        return self.times_ms["dense"] / self.times_ms[self.kernel]
+
+
+def sparsify_for_inference(
+    model: nn.Module,
+    example: Tensor,
+    *,
+    kernels: Sequence[str] = KERNELS,
+    max_density: float = 0.5,
+    repeats: int = 5,
+) -> list[Choice]:
+    """Replace, in place, each Linear / 1×1 conv of ``model`` whose weight density (fraction of non-zeros) is at
+    most ``max_density`` by a sparse module with the kernel measured fastest (median of ``repeats``) on the input
+    it gets from ``example``; layers where ``dense`` is fastest stay. If the whole model is then not faster on
+    ``example``, every layer stays dense (``kernel`` is ``dense`` in every choice). Returns what was measured, one
+    :class:`Choice` per layer timed. Run it on the device, dtype and thread count the model will serve with."""
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown or "dense" not in kernels:
+        raise ValueError(f"kernels must include 'dense' and be among {KERNELS}, got {tuple(kernels)!r}")
+    candidates = {
+        name: module
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or is_sparse_conv_candidate(module))
+        and _density(module.weight) <= max_density
+    }
+    choices: list[Choice] = []
+
+    def measure(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            choices.append(_choose(name, module, args[0], kernels, repeats))
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(measure(name)) for name, module in candidates.items()]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = {c.name: _sparse_module(candidates[c.name], c.kernel, c.block) for c in choices if c.kernel != "dense"}
+    if not layers:
+        return choices
+    _swap(model, layers)
+    _choose_output_layouts(model, example, layers)
+    sparse_ms = median_ms(model, example, repeats)
+    _swap(model, {name: candidates[name] for name in layers})
+    if sparse_ms < median_ms(model, example, repeats):
+        _swap(model, layers)
+        return [
+            dataclasses.replace(c, transposed_output=layers[c.name].transposed_output) if c.name in layers else c
+            for c in choices
+        ]
+    return [dataclasses.replace(c, kernel="dense") for c in choices]
+
+
+def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, module)
+
+
+def _choose_output_layouts(model: nn.Module, example: Tensor, layers: dict[str, SparseLayer]) -> None:
+    """A sparse layer returns its product transposed when the next sparse layer to run then reads its input without
+    a copy (e.g. fc1 → GELU → fc2), as seen in one pass with every product transposed."""
+    order, reads_free = [], {}
+
+    def record(name: str) -> Callable:
+        def hook(module: SparseLayer, args: tuple) -> None:
+            order.append(name)
+            reads_free[name] = module.tokens_first(args[0]).is_contiguous()
+
+        return hook
+
+    for layer in layers.values():
+        layer.transposed_output = True
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in layers.values():
+        layer.transposed_output = False
+    for name, following in zip(order, order[1:]):
+        layers[name].transposed_output = reads_free[following]
+
+
+def _sparse_module(module: nn.Module, kernel: str, block: tuple[int, int]) -> SparseLayer:
+    return (SparseLinear if isinstance(module, nn.Linear) else SparseConv1x1)(module, kernel, block)
+
+
+def _density(weight: Tensor) -> float:
+    return float(weight.count_nonzero()) / weight.numel()
+
+
+def _choose(name: str, module: nn.Module, x: Tensor, kernels: Sequence[str], repeats: int) -> Choice:
+    weight = module.weight.detach().flatten(1)
+    block = _largest_zero_block(weight)
+    times = {}
+    for kernel in kernels:
+        if kernel in BLOCK_KERNELS and block == (1, 1):
+            continue
+        layer = module if kernel == "dense" else _sparse_module(module, kernel, block)
+        times[kernel] = median_ms(layer.forward, x, repeats)  # forward(): not this pre-hook again
+    kernel = min(times, key=times.get)
+    return Choice(name, tuple(weight.shape), _density(weight), block, times, kernel)
+
+
+def _largest_zero_block(weight: Tensor) -> tuple[int, int]:
+    """The largest square block (side 2 to 64) that the non-zeros fill (kept blocks at least 95% non-zero) with at
+    most half the blocks kept: the block the block kernels use; ``(1, 1)`` if none."""
+    nonzero = weight.ne(0)
+    for side in (64, 32, 16, 8, 4, 2):
+        rows, cols = weight.shape
+        if rows % side or cols % side:
+            continue
+        blocks = nonzero.reshape(rows // side, side, cols // side, side).any(3).any(1)
+        if blocks.float().mean() < 0.5 and int(blocks.sum()) * side * side <= 1.05 * int(nonzero.sum()):
+            return side, side
+    return 1, 1
+
+
+def median_ms(call: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> float:
+    """Median milliseconds of ``call(x)`` over ``repeats`` calls after one warm-up, under inference mode."""
+    with torch.inference_mode():
+        call(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call(x)
+            times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
