@@ -95,7 +95,7 @@ def test_each_tensor_gets_its_smallest_encoding():
     assert sizes["blocks"] < 0.11 and sizes["entries"] < 0.09  # values + one bit per block / entry
 
 
-def test_resnet_at_95_percent_compresses_below_an_eighth():
+def test_a_95_percent_sparse_resnet_compresses_to_at_most_012_of_its_dense_file():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     sparsifier = Sparsifier(model, SparsityConfig(method="magnitude", target=0.95, warmup_frac=0, finetune_frac=0), 1)
