@@ -221,15 +221,18 @@ def sparsify_for_inference(
         and _density(module.weight) <= max_density
     }
     choices: list[Choice] = []
+    layers: dict[str, SparseLayer] = {}  # the winning sparse modules, as timed
 
     def measure(name: str) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
-            choices.append(_choose(name, module, args[0], kernels, repeats))
+            choice, winner = _choose(name, module, args[0], kernels, repeats)
+            choices.append(choice)
+            if choice.kernel != "dense":
+                layers[name] = winner
 
         return hook
 
     _run_with_pre_hooks(model, example, {module: measure(name) for name, module in candidates.items()})
-    layers = {c.name: _sparse_module(candidates[c.name], c.kernel, c.block) for c in choices if c.kernel != "dense"}
     if not layers:
         return choices
     _swap(model, layers)
@@ -291,17 +294,18 @@ def _density(weight: Tensor) -> float:
     return float(weight.count_nonzero()) / weight.numel()
 
 
-def _choose(name: str, module: nn.Module, x: Tensor, kernels: Sequence[str], repeats: int) -> Choice:
+def _choose(name: str, module: nn.Module, x: Tensor, kernels: Sequence[str], repeats: int) -> tuple[Choice, nn.Module]:
+    """What was measured for ``module`` on ``x``, and the fastest layer (``module`` itself when dense wins)."""
     weight = module.weight.detach().flatten(1)
     block = _largest_zero_block(weight)
-    times = {}
+    times, layers = {}, {}
     for kernel in kernels:
         if kernel in BLOCK_KERNELS and block == (1, 1):
             continue
-        layer = module if kernel == "dense" else _sparse_module(module, kernel, block)
-        times[kernel] = median_ms(layer.forward, x, repeats)  # forward(): not this pre-hook again
+        layers[kernel] = module if kernel == "dense" else _sparse_module(module, kernel, block)
+        times[kernel] = median_ms(layers[kernel].forward, x, repeats)  # forward(): not this pre-hook again
     kernel = min(times, key=times.get)
-    return Choice(name, tuple(weight.shape), _density(weight), block, times, kernel)
+    return Choice(name, tuple(weight.shape), _density(weight), block, times, kernel), layers[kernel]
 
 
 def _largest_zero_block(weight: Tensor) -> tuple[int, int]:

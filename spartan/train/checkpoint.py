@@ -41,10 +41,10 @@ def _read(path: Path, purpose: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"{purpose}: {str(path)!r} is not a readable checkpoint ({_cause(err)})") from err
+        raise ConfigError(f"{purpose}: {str(path)!r} is not a readable checkpoint ({load_failure(err)})") from err
 
 
-def _cause(err: Exception) -> str:
+def load_failure(err: Exception) -> str:
     """``Type: message`` of a failed ``torch.load``; of the weights-only unpickler's long message, its reason."""
     text = str(err)
     if "WeightsUnpickler error:" in text:

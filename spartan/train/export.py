@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from spartan import compressed
 from spartan.inference import median_ms, sparsify_for_inference
 from spartan.onnx_export import export_onnx, onnx_session, run_onnx
+from spartan.train.checkpoint import load_failure
 from spartan.train.data import build_loaders
 from spartan.train.errors import ConfigError
 from spartan.train.evaluation import load_model, run_config
@@ -75,10 +76,7 @@ def expand(source: Path, target: Path) -> None:
     try:
         state = compressed.decompress(torch.load(source, map_location="cpu", weights_only=True))
     except Exception as err:
-        cause = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(
-            f"{source} is not a readable {compressed.FORMAT} file ({type(err).__name__}: {cause})"
-        ) from None
+        raise ConfigError(f"{source} is not a readable {compressed.FORMAT} file ({load_failure(err)})") from None
     atomic_save(state, target)
 
 
