@@ -9,7 +9,7 @@ from typing import Any
 from spartan.allocation import ACCOUNTINGS, ALLOCATIONS
 from spartan.costs import COST_MODELS
 from spartan.methods import METHODS
-from spartan.schedules import BETA_SCHEDULES, DENSITY_SCHEDULES, Schedule
+from spartan.schedules import BETA_SCALES, BETA_SCHEDULES, DENSITY_SCHEDULES, Schedule
 
 
 class ConfigFieldError(ValueError):
@@ -28,7 +28,10 @@ class SparsityConfig:
     ``target`` is the final *sparsity* (fraction of zeros, in [0, 1)); with ``accounting="all"`` it counts every
     parameter of the model (biases, norms, embeddings and excluded layers stay dense, so masked layers are made
     sparser), with ``"masked"`` only the masked weights. With the ``flops`` cost model it is a fraction of
-    FLOPs. ``beta_*`` are in 1/unit-value units (unit value = mean |w| over an entry's block).
+    FLOPs. ``beta_*`` are in 1/unit-value units (unit value = mean |w| over an entry's block) with
+    ``beta_scale="raw"``; with ``"kept_mean"`` they are relative to each group's weight scale: the β the solver
+    gets is ``beta / (mean unit value of the entries the group kept at the previous step)``, so the softness of the
+    mask does not depend on the weights' magnitude.
     Invalid values raise :class:`ConfigFieldError`.
     """
 
@@ -50,6 +53,7 @@ class SparsityConfig:
     beta_init: float = 1.0
     beta_final: float = 10.0
     beta_schedule: str = "linear"
+    beta_scale: str = "raw"
     tol: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -65,6 +69,7 @@ class SparsityConfig:
             ("cost", COST_MODELS),
             ("density_schedule", DENSITY_SCHEDULES),
             ("beta_schedule", BETA_SCHEDULES),
+            ("beta_scale", BETA_SCALES),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 DENSITY_SCHEDULES = ("linear", "cosine", "cubic")
 BETA_SCHEDULES = ("linear", "geometric")
+BETA_SCALES = ("raw", "kept_mean")  # β in 1/unit-value units, or relative to a group's mean kept unit value
 
 
 @dataclass(frozen=True)

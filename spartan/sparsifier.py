@@ -254,6 +254,8 @@ class Sparsifier:
             betas.append(self.schedule.beta(step, block_numel))
         with torch.no_grad():
             self._write_values()
+            if self.method.soft_mask and self.config.beta_scale == "kept_mean":
+                betas = [beta / scale for beta, scale in zip(betas, self._kept_value_scales())]
             self.method.select(self.entries, self.groups, budgets, betas, self.config.tol)
             if self.method.soft_mask and self._world() > 1:
                 self._agree_on_soft_masks()
@@ -267,6 +269,7 @@ class Sparsifier:
         telemetry.update(
             masked_density_target=density,
             beta=self.schedule.beta(step, math.prod(self.config.block)),
+            **({"beta_effective": betas[0]} if self.method.soft_mask else {}),
             flip_rate=flips / self.entries.hard.numel(),
         )
         telemetry.update(self.method.telemetry(self.entries, self.groups, self.layers))
@@ -274,6 +277,18 @@ class Sparsifier:
             self._freeze()
             telemetry["frozen"] = True
         return telemetry
+
+    def _kept_value_scales(self) -> list[float]:
+        """Each group's mean unit value over the entries it kept at the previous step (over all of its entries
+        before the first selection, or if none is kept; 1 if they are all zero), read from the device once."""
+        scales = []
+        for group in self.groups:
+            values, kept = self.entries.values[group.part], self.entries.hard[group.part]
+            n_kept = torch.count_nonzero(kept)
+            mean_kept = torch.where(kept, values, 0.0).sum() / n_kept.clamp(min=1)
+            scale = torch.where(n_kept > 0, mean_kept, values.mean())
+            scales.append(torch.where(scale > 0, scale, 1.0))
+        return torch.stack(scales).tolist() if scales else []
 
     def _write_values(self) -> None:
         """Every group's unit values from the current weights."""
@@ -415,6 +430,16 @@ class Sparsifier:
                     report["layers"][i]["beta"] = group.beta
         report["totals"].update(sparsity_target=1 - self.target_density(), accounting=self.config.accounting)
         return report
+
+    def empty_layers(self) -> list[str]:
+        """Names of the masked weights that keep no weight at all (the layer's output no longer depends on its
+        input): a collapse, e.g. from a global budget that another layer's larger weights took."""
+        return [t.name for t, kept in zip(self.tensors, self._kept_weights()) if kept == 0]
+
+    def fallback_layers(self) -> list[str]:
+        """Names of the masked weights masked unstructured by ``block_fallback`` (the block did not divide them)."""
+        block = tuple(self.config.block)
+        return [t.name for t in self.tensors if block != (1, 1) and t.block != block]
 
     def sparsity(self) -> dict[str, float]:
         """Actual sparsity now (fractions of zeros): over all parameters and over masked weights (cheap)."""

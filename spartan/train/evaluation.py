@@ -44,6 +44,11 @@ def sparsity_fields(totals: dict[str, Any]) -> dict[str, Any]:
     return {key: totals[key] for key in SPARSITY_FIELDS}
 
 
+def test_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``summary.json`` / ``eval.json``'s keys for the test split's metrics (:func:`evaluate`)."""
+    return {"test_top1": metrics["top1"], "test_top5": metrics["top5"], "test_loss": metrics["loss"]}
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -130,7 +135,8 @@ def load_model(
 
 
 def evaluate_run(config: TrainConfig, run_dir: Path, weights: Path) -> dict[str, Any]:
-    """Top-1/top-5 on the run's validation data, sparsity (all/masked), per-layer densities, FLOPs; → eval.json."""
+    """Top-1/top-5 on the run's validation data (and its test split, if the data has one), sparsity (all/masked),
+    per-layer densities, FLOPs; → eval.json."""
     process = current_process()
     device = resolve_device(config.trainer.device, process)
     amp = resolve_amp(config.trainer.amp, device, config.data.image_dtype())
@@ -155,6 +161,8 @@ def evaluate_run(config: TrainConfig, run_dir: Path, weights: Path) -> dict[str,
         "layers": [{k: v for k, v in row.items() if k != "block"} for row in report["layers"]],
         "data": dataclasses.asdict(config.data),
     }
+    if loaders.test is not None:
+        result.update(test_fields(evaluate(model, loaders.test, device, amp, layout)))
     if process.is_main:
         atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2, default=list) + "\n")
     return result
@@ -171,6 +179,8 @@ def format_eval(result: dict[str, Any]) -> str:
         "",
         f"{'layer':<40} {'shape':<22} {'density':>8} {'kept':>12}",
     ]
+    if "test_top1" in result:
+        lines.insert(2, f"test top-1 {100 * result['test_top1']:.2f}%   top-5 {100 * result['test_top5']:.2f}%")
     for row in result["layers"]:
         lines.append(
             f"{row['name']:<40} {str(tuple(row['shape'])):<22} {row['density']:>8.4f} {row['params_kept']:>12,}"

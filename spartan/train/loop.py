@@ -47,7 +47,7 @@ from spartan.train.distributed import (
     sync_buffers,
 )
 from spartan.train.errors import ConfigError
-from spartan.train.evaluation import evaluate, sparsity_fields
+from spartan.train.evaluation import evaluate, sparsity_fields, test_fields
 from spartan.train.files import atomic_save, atomic_write_text
 from spartan.train.lifecycle import AlreadyFinished, Interrupted, StopSignals, precedence, signal_of
 from spartan.train.models import build_model, build_sparsifier
@@ -67,6 +67,7 @@ class Progress:
     epoch_step: int = 0  # optimizer steps completed in the current epoch (> 0 in a mid-epoch checkpoint)
     train_seconds: float = 0.0
     images: int = 0  # training images processed, all processes together
+    skipped_images: int = 0  # unreadable training images dropped, all processes together
 
 
 class Run:
@@ -125,6 +126,7 @@ class Run:
         self.global_batch = config.data.batch_size * self.process.world * trainer.accumulate
         self.optimizer = build_optimizer(self.model, config.optim, peak_lr(config.optim, self.global_batch))
         self.sparsifier = build_sparsifier(self.model, config.sparsity, self.total_steps, self.optimizer)
+        self.warned_empty: set[str] = set()  # layers already warned about for keeping no weights
         self.lr_schedule = build_lr_schedule(self.optimizer, config.schedule, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=trainer.label_smoothing)
@@ -189,6 +191,8 @@ class Run:
         if self.is_main:
             device = {**describe_device(self.device), **self.backend, "topk_kernels": kernels.path()}
             log.info("device: " + ", ".join(f"{key} {value}" for key, value in device.items()))
+        if self.is_main and self.loaders.info.num_classes == 1:
+            log.warning("the data has a single class: accuracy is 100% by construction and means nothing")
         if self.resume_path is not None:
             log.info(f"resumed from {self.resume_path} at epoch {self.progress.epoch}, step {self.progress.step}")
 
@@ -285,8 +289,12 @@ class Run:
         bar.close()
         seconds = time.perf_counter() - epoch_start
         skipped = int(all_reduce_sum([window["skipped"]], self.device)[0])
-        if skipped:
-            self.metrics.log({"kind": "data", "epoch": epoch + 1, "skipped_images": skipped}, step=self.progress.step)
+        self.progress.skipped_images += skipped
+        self._warn_empty_layers()
+        degenerate = self.degenerate()
+        if degenerate:
+            record = {"kind": "data", "epoch": epoch + 1, **degenerate, "skipped_images": skipped}
+            self.metrics.log(record, step=self.progress.step)
         if self.is_main:
             images = (self.steps_per_epoch - start) * self.global_batch
             log.info(
@@ -295,6 +303,7 @@ class Run:
                 f"train top-1 {100 * self.last_train['top1']:.2f}%, "
                 f"sparsity {100 * self.last_train['sparsity_all']:.2f}% "
                 f"(target now {100 * self.last_train['sparsity_target']:.2f}%)"
+                + (f"; warnings: {describe_degenerate(degenerate)}" if degenerate else "")
             )
 
     def _begin_epoch(self, epoch: int, resumed: dict[str, Any] | None) -> None:
@@ -366,12 +375,17 @@ class Run:
             "img_per_s": samples / seconds,
             "sparsity_target": 1 - telemetry["density_target"],
             **self.sparsifier.sparsity(),
-            **{k: float(telemetry[k]) for k in ("beta", "flip_rate", "solver_iterations", "lam") if k in telemetry},
+            **{
+                k: float(telemetry[k])
+                for k in ("beta", "beta_effective", "flip_rate", "solver_iterations", "lam")
+                if k in telemetry
+            },
             "frozen": telemetry["frozen"],
             "topk_kernels": kernels.path(),
         }
         self.last_train = record
         self.metrics.log(record, step=self.progress.step)
+        self._warn_empty_layers()
         bar.set_postfix(
             loss=f"{record['loss']:.3f}",
             acc=f"{100 * record['top1']:.1f}%",
@@ -387,6 +401,30 @@ class Run:
                 f"ETA {datetime.timedelta(seconds=round(remaining))}"
             )
         self._restart_window()
+
+    def _warn_empty_layers(self) -> None:
+        """A warning (once per layer) when a masked layer has come to keep no weight at all."""
+        new = [name for name in self.sparsifier.empty_layers() if name not in self.warned_empty]
+        if new and self.is_main:
+            log.warning(
+                f"step {self.progress.step}: {', '.join(new)} keep no weights (the layer's output no longer depends "
+                f"on its input; accuracy will be near chance unless a mask regrows them); see allocation=erk"
+            )
+        self.warned_empty.update(new)
+
+    def degenerate(self) -> dict[str, Any]:
+        """What makes this run's numbers suspect, by kind (nothing when none applies): a single class in the data,
+        layers that keep no weights, layers masked unstructured by ``block_fallback``, unreadable images skipped."""
+        found: dict[str, Any] = {}
+        if self.loaders.info.num_classes == 1:
+            found["single_class"] = True
+        if empty := self.sparsifier.empty_layers():
+            found["empty_layers"] = empty
+        if fallback := self.sparsifier.fallback_layers():
+            found["block_fallback_layers"] = fallback
+        if self.progress.skipped_images:
+            found["skipped_images"] = self.progress.skipped_images
+        return found
 
     # ------------------------------------------------------------------------------------------ validation
 
@@ -451,16 +489,20 @@ class Run:
     # ------------------------------------------------------------------------------------------ the end
 
     def finish(self) -> dict[str, Any]:
-        """Bake the masks in, validate the plain sparse model, write ``model_final.pt`` and ``summary.json``."""
+        """Bake the masks in, validate the plain sparse model (and test it once, if the data has a test split),
+        write ``model_final.pt`` and ``summary.json``."""
         model = self.sparsifier.finalize()
+        self._warn_empty_layers()
         totals = self.validate(self.config.schedule.epochs, "final")["totals"]
         final = self.val_metrics
         summary = {
             "val_top1": final["top1"],
             "val_top5": final["top5"],
             "val_loss": final["loss"],
+            **self._test(),
             "sparsity_target": self.config.sparsity.target if self.config.sparsity.method != "dense" else 0.0,
             **sparsity_fields(totals),
+            "degenerate": self.degenerate(),
             "accounting": self.config.sparsity.accounting,
             "epochs": self.config.schedule.epochs,
             "steps": self.progress.step,
@@ -480,6 +522,16 @@ class Run:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.metrics.summary(summary)
         return summary
+
+    def _test(self) -> dict[str, Any]:
+        """The final model on the test split, logged once (kind ``test``); empty without a test split."""
+        if self.loaders.test is None:
+            return {}
+        metrics = evaluate(self.model, self.loaders.test, self.device, self.amp_dtype, self.memory_format)
+        self.metrics.log({"kind": "test", "epoch": self.config.schedule.epochs, **metrics}, step=self.progress.step)
+        if self.is_main:
+            log.info(f"test: top-1 {100 * metrics['top1']:.2f}%, top-5 {100 * metrics['top5']:.2f}%")
+        return test_fields(metrics)
 
     def close(self, failed: bool = False) -> None:
         if self.metrics is not None:
@@ -510,10 +562,28 @@ def format_summary(summary: dict[str, Any], run_dir: Path, wandb_note: str | Non
         ("model", shown(summary["model_final"])),
         ("logs", f"{shown(summary['metrics'])}, {shown(run_dir / 'summary.json')}"),
     ]
+    if summary["degenerate"]:
+        rows.append(("warnings", describe_degenerate(summary["degenerate"])))
+    if "test_top1" in summary:
+        rows.insert(1, ("test top-1", f"{100 * summary['test_top1']:.2f}%   (top-5 {100 * summary['test_top5']:.2f}%)"))
     if wandb_note:
         rows.append(("W&B", wandb_note))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "spartan run summary", "-" * 19, *(f"{k:<{width}}  {v}" for k, v in rows)])
+
+
+def describe_degenerate(found: dict[str, Any]) -> str:
+    """One line for :meth:`Run.degenerate`'s findings."""
+    parts = []
+    if found.get("single_class"):
+        parts.append("the data has a single class")
+    if found.get("empty_layers"):
+        parts.append(f"no kept weights in {', '.join(found['empty_layers'])}")
+    if found.get("block_fallback_layers"):
+        parts.append(f"masked unstructured by block_fallback: {', '.join(found['block_fallback_layers'])}")
+    if found.get("skipped_images"):
+        parts.append(f"{found['skipped_images']} unreadable training images skipped")
+    return "; ".join(parts)
 
 
 def _si(value: float) -> str:

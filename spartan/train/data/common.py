@@ -138,18 +138,21 @@ class DataInfo:
     input_shape: tuple[int, int, int]  # one sample, as the model sees it at the end: channels, height, width
     train_size: int
     val_size: int
+    test_size: int = 0  # 0: the backend has no separate test split
 
 
 @dataclass
 class Loaders:
-    """``train``: batches of ``(images, labels)``, ``len()`` = batches of a whole epoch; ``set_epoch(epoch,
-    start)`` prepares epoch ``epoch`` (order, worker seeds, resolution) from its batch ``start`` on, so that a run
-    resumed mid-epoch gets the batches an uninterrupted one would (iteration then yields ``len() - start``)."""
+    """``train``: batches of ``(images, labels)``, ``len()`` = batches of a whole epoch; ``test``: the backend's
+    separate test split, if it has one; ``set_epoch(epoch, start)`` prepares epoch ``epoch`` (order, worker seeds,
+    resolution) from its batch ``start`` on, so that a run resumed mid-epoch gets the batches an uninterrupted one
+    would (iteration then yields ``len() - start``)."""
 
     train: Iterable | None
     val: Iterable
     info: DataInfo
     on_epoch: Callable[[int, int], None] | None = None  # (epoch, start batch)
+    test: Iterable | None = None  # a held-out test split, evaluated once after training (never for choices)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         if self.on_epoch is not None:
@@ -248,27 +251,35 @@ def map_style_loaders(
     collate: Callable | None = None,
     repeats: int = 1,
     augmenting: bool = False,
+    test_set: Dataset | None = None,
 ) -> Loaders:
     """DataLoaders over map-style datasets: a training shard per process reshuffled by ``(seed, epoch)``
     (``repeats`` > 1: repeated augmentation), worker seeds from ``(seed, rank, epoch)``, an epoch started at any
     batch; ``augmenting`` datasets draw each sample's augmentation from its position in the epoch (so a run resumed
-    mid-epoch replays them exactly); validation without padding (every image once over all processes)."""
+    mid-epoch replays them exactly); validation (and ``test_set``) without padding (every image once over all
+    processes)."""
     workers = worker_options(config, device)
     info = DataInfo(
         num_classes,
         (config.channels, config.image_size, config.image_size),
         len(train_set) if train_set is not None else 0,
         len(val_set),
+        len(test_set) if test_set is not None else 0,
     )
-    val_loader = DataLoader(
-        val_set,
-        batch_size=config.val_batch_size or config.batch_size,
-        sampler=ShardSampler(len(val_set), rank, world),
-        collate_fn=collate,
-        **workers,
-    )
+
+    def evaluation_loader(dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=config.val_batch_size or config.batch_size,
+            sampler=ShardSampler(len(dataset), rank, world),
+            collate_fn=collate,
+            **workers,
+        )
+
+    val_loader = evaluation_loader(val_set)
+    test_loader = evaluation_loader(test_set) if test_set is not None else None
     if train_set is None:
-        return Loaders(None, val_loader, info)
+        return Loaders(None, val_loader, info, test=test_loader)
     check_batch_fits(config, world, len(train_set), f"data={config.name}")
     if repeats > 1:
         order = RepeatedAugmentSampler(len(train_set), rank, world, repeats, seed)
@@ -292,7 +303,7 @@ def map_style_loaders(
         sampler.set_epoch(epoch, start)
         generator.manual_seed(derive_seed(seed, "workers", rank, epoch))
 
-    return Loaders(train_loader, val_loader, info, on_epoch)
+    return Loaders(train_loader, val_loader, info, on_epoch, test_loader)
 
 
 @dataclass(frozen=True)
