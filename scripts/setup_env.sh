@@ -15,6 +15,17 @@ if ! pkg-config --exists libturbojpeg opencv4 2>/dev/null; then
     fi
 fi
 
+# data=fashion_mnist reads the Debian package's IDX files (30 MB, offline); optional: only that option needs them.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing dataset-fashion-mnist (for data=fashion_mnist)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null \
+            || echo "setup: could not install dataset-fashion-mnist; data=fashion_mnist needs data.path" >&2
+    else
+        echo "setup: for data=fashion_mnist, run as root: apt-get install -y dataset-fashion-mnist" >&2
+    fi
+fi
+
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 "$python" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \

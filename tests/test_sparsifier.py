@@ -506,3 +506,54 @@ def test_a_new_selection_pattern_is_one_class_and_its_registration():
         assert sparsifier.report()["totals"]["sparsity_masked"] == 0.5
     finally:
         del METHODS["test_2of4"]
+
+
+@pytest.mark.parametrize("allocation", ["global", "erk"])
+def test_kept_mean_beta_makes_soft_masks_independent_of_the_weights_scale(allocation):
+    def soft_masks(scale: float, beta_scale: str) -> tuple[torch.Tensor, dict]:
+        torch.manual_seed(0)
+        model = SmallCNN()
+        with torch.no_grad():
+            for weight in (model.conv1.weight, model.conv2.weight, model.fc.weight):
+                weight.mul_(scale)
+        config = SparsityConfig(
+            method="spartan",
+            target=0.7,
+            accounting="masked",
+            allocation=allocation,
+            warmup_frac=0.0,
+            beta_init=4.0,
+            beta_final=4.0,
+            beta_scale=beta_scale,
+            tol=1e-10,
+        )
+        sparsifier = Sparsifier(model, config, total_steps=10)
+        telemetry = sparsifier.step()  # the second selection: scales from the entries kept at the first
+        return torch.cat([m.flatten() for m in sparsifier.masks().values()]), telemetry
+
+    relative, telemetry = soft_masks(1.0, "kept_mean")
+    relative_scaled, telemetry_scaled = soft_masks(10.0, "kept_mean")
+    assert torch.allclose(relative, relative_scaled, atol=1e-5)
+    assert telemetry_scaled["beta_effective"] == pytest.approx(telemetry["beta_effective"] / 10, rel=1e-6)
+    raw, raw_telemetry = soft_masks(1.0, "raw")
+    assert raw_telemetry["beta_effective"] == 4.0
+    assert not torch.allclose(raw, soft_masks(10.0, "raw")[0], atol=1e-2)  # raw β: softness depends on scale
+
+
+def test_kept_mean_beta_divides_by_the_mean_kept_unit_value():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    config = SparsityConfig(
+        method="spartan",
+        target=0.7,
+        accounting="masked",
+        warmup_frac=0.0,
+        beta_init=3.0,
+        beta_final=3.0,
+        beta_scale="kept_mean",
+    )
+    sparsifier = Sparsifier(model, config, total_steps=10)
+    kept = torch.cat([m.flatten() for m in sparsifier.masks().values()]) > 0  # the hard set of the first selection
+    values = torch.cat([t.weight.detach().abs().flatten() for t in sparsifier.tensors])
+    telemetry = sparsifier.step()
+    assert telemetry["beta_effective"] == pytest.approx(3.0 / float(values[kept].double().mean()), rel=1e-5)
