@@ -24,7 +24,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", type=Path, nargs="+", metavar="MULTIRUN_DIR", help="folders of run directories")
     parser.add_argument("--out", type=Path, help="path prefix of the .md/.json/.png (default: FIRST_DIR/report)")
-    parser.add_argument("--metric", default="test_top1", choices=("test_top1", "val_top1"), help="what the plot shows")
+    parser.add_argument(
+        "--metric",
+        choices=("test_top1", "val_top1"),
+        help="what the plot shows (default: test_top1 if the runs have a test split, else val_top1)",
+    )
     parser.add_argument(
         "--where",
         action="append",

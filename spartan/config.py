@@ -116,6 +116,12 @@ class SparsityConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def upgrade(cls, saved: dict) -> dict:
+        """A :meth:`to_dict` written by an earlier version, with the fields added since set to their defaults (a new
+        field's default is the behaviour before it existed), so that a run started before an upgrade can resume."""
+        return {**cls().to_dict(), **saved}
+
 
 def first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
     """``(dotted path, a's value, b's value)`` of the first place two nested dicts/lists differ.

@@ -495,6 +495,8 @@ class Sparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`. Load the model's weights first: masks are rebuilt from them."""
         mine, theirs = self._fingerprint(), state.get("fingerprint")
+        if isinstance(theirs, dict) and isinstance(theirs.get("config"), dict):
+            theirs = {**theirs, "config": SparsityConfig.upgrade(theirs["config"])}
         if theirs != mine:
             path, saved, this = first_difference(theirs, mine)
             where = path or "state"

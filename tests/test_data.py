@@ -359,27 +359,6 @@ def test_all_unreadable_batch_is_a_clear_error(tmp_path):
             train(config, tmp_path / "run")
 
 
-def test_skipped_images_are_counted_in_the_metrics(tmp_path):
-    root = write_image_folder(tmp_path / "images", CLASSES, PER_CLASS)
-    (root / "train" / "n00000002" / "0.JPEG").write_bytes(b"broken")
-    config = compose_train(
-        "logger=none",
-        "model=resnet18",
-        "data=imagefolder",
-        f"data.path={root}",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "schedule.epochs=1",
-    )
-    from spartan.train.loop import train
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train(config, tmp_path / "run")
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_images"] for r in records if r["kind"] == "data"] == [1]
-
-
 def test_ffcv_epochs_that_leave_batches_over_release_their_loader_threads(betons, tmp_path):
     import threading
 

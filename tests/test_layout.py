@@ -90,6 +90,7 @@ OPTIONAL_LIBRARY = {"spartan.onnx_export": "export"}  # library modules that nee
 OPTIONAL_LOADERS = {
     "ffcv": ("spartan.train.data.ffcv_", "ffcv"),
     "webdataset": ("spartan.train.data.webdataset_", "webdataset"),
+    "plots": ("spartan.train.reports", "matplotlib"),  # imported by the functions that draw
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import compose_train, run_cli, write_image_folder
 
+from spartan.train.errors import ConfigError
 from spartan.train.loop import train
 from spartan.train.models import digits_cnn
 
@@ -147,6 +148,22 @@ def test_resume_from_another_run_dir_and_after_the_freeze(tmp_path, tiny_digits)
     resumed = train(compose_train(*overrides, f"resume={tmp_path / 'first'}"), tmp_path / "second")
     a = torch.load(tmp_path / "straight" / "model_final.pt", weights_only=True)
     b = torch.load(tmp_path / "second" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed["val_top1"] == straight["val_top1"]
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_resumes_with_its_default(tmp_path, tiny_digits):
+    # sparsity.beta_scale came after checkpoints were first written; its default (raw) is the earlier behaviour.
+    assert train(compose_train(*tiny_digits, "trainer.stop_after_epochs=1"), tmp_path / "run") is None
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state["train_config"]["sparsity"]["beta_scale"], state["sparsifier"]["fingerprint"]["config"]["beta_scale"]
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match="sparsity.beta_scale='raw', this run has sparsity.beta_scale='kept_mean'"):
+        train(compose_train(*tiny_digits, f"resume={path}", "sparsity.beta_scale=kept_mean"), tmp_path / "other")
+    resumed = train(compose_train(*tiny_digits, "resume=auto"), tmp_path / "run")
+    straight = train(compose_train(*tiny_digits), tmp_path / "straight")
+    a = torch.load(tmp_path / "straight" / "model_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "model_final.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a) and resumed["val_top1"] == straight["val_top1"]
 
 

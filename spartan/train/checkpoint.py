@@ -17,6 +17,7 @@ into the plain sparse model training would have ended with (:func:`load_weights`
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from spartan import compressed
 from spartan.config import SparsityConfig, first_difference
+from spartan.train.config import TrainConfig
 from spartan.train.errors import ConfigError
 from spartan.train.files import atomic_save
 from spartan.train.models import build_sparsifier
@@ -42,6 +44,20 @@ def _read(path: Path, purpose: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ConfigError(f"{purpose}: {str(path)!r} is not a readable checkpoint ({load_failure(err)})") from err
+
+
+def _with_new_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``train_config`` with the keys its sections' schemas gained since it was written set to their
+    defaults (a new key's default is the behaviour before it existed)."""
+    defaults = {
+        f.name: dataclasses.asdict(f.default_factory())
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in RESUME_MUST_MATCH and f.default_factory is not dataclasses.MISSING
+    }
+    return {
+        **saved,
+        **{name: {**defaults[name], **saved[name]} for name in defaults if isinstance(saved.get(name), dict)},
+    }
 
 
 def load_failure(err: Exception) -> str:
@@ -145,7 +161,7 @@ class Checkpoint:
 
     def check_config(self, train_config: dict[str, Any]) -> None:
         """The config sections a resumed run must share (:data:`RESUME_MUST_MATCH`), compared with this one's."""
-        saved = self.state["train_config"]
+        saved = _with_new_fields(self.state["train_config"])
         for section in RESUME_MUST_MATCH:
             if saved[section] != train_config[section]:
                 key, before, now = first_difference(saved[section], train_config[section], section)

@@ -220,9 +220,13 @@ class Cell:
     def finished(self) -> list[dict[str, Any]]:
         return [j.summary for j in self.jobs if j.summary is not None]
 
+    def results(self, key: str, scale: float = 1.0) -> list[float]:
+        """``key`` of every finished run that has it, times ``scale``."""
+        return [scale * s[key] for s in self.finished if s.get(key) is not None]
+
     def stat(self, key: str, scale: float = 1.0) -> tuple[float, float] | None:
         """Mean and sample standard deviation (0 for one run) of ``key`` over the finished runs; None without."""
-        values = [scale * s[key] for s in self.finished if s.get(key) is not None]
+        values = self.results(key, scale)
         if not values:
             return None
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -238,11 +242,24 @@ def group_cells(jobs: list[Job]) -> tuple[list[str], list[Cell]]:
     for job, values in zip(jobs, cells_values):
         chosen = {k: values.get(k) for k in varying}
         cells.setdefault(repr(chosen), Cell(chosen)).jobs.append(job)
-    return varying, list(cells.values())
+    return varying, sorted(cells.values(), key=lambda cell: [_order(cell.values[k]) for k in varying])
 
 
-def _pm(stat: tuple[float, float] | None, digits: int = 2) -> str:
-    return "—" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+def _order(value: Any) -> tuple:
+    """Sort key of a cell value: missing first, then numbers by value, then anything else by its text."""
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
+def _pm(cell: Cell, key: str, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` of ``key`` over the cell's runs (the value alone for one run, ``—`` for none)."""
+    values = cell.results(key, scale)
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "—"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _short(key: str) -> str:
@@ -251,8 +268,8 @@ def _short(key: str) -> str:
 
 def sweep_table(varying: list[str], cells: list[Cell]) -> str:
     """A markdown table, one row per cell: the varying keys, runs finished / started, val and test top-1 (%, mean
-    ± std over seeds), exact sparsity (all parameters, masked weights), runs with a layer that kept no weight,
-    and the mean wall time per run."""
+    ± sample std over seeds; the value alone for one run), exact sparsity (all parameters, masked weights), runs
+    with a layer that kept no weight, and the mean wall time per run."""
     header = [
         *map(_short, varying),
         "runs",
@@ -271,10 +288,10 @@ def sweep_table(varying: list[str], cells: list[Cell]) -> str:
         row = [
             *("—" if cell.values[k] is None else str(cell.values[k]) for k in varying),
             f"{len(finished)}/{len(cell.jobs)}",
-            _pm(cell.stat("val_top1", 100)),
-            _pm(cell.stat("test_top1", 100)),
-            _pm(cell.stat("sparsity_all"), 4),
-            _pm(cell.stat("sparsity_masked"), 4),
+            _pm(cell, "val_top1", 100),
+            _pm(cell, "test_top1", 100),
+            _pm(cell, "sparsity_all", digits=4),
+            _pm(cell, "sparsity_masked", digits=4),
             str(collapsed),
             "—" if wall is None else f"{wall[0]:.0f} s",
         ]
@@ -314,7 +331,8 @@ def sweep_records(varying: list[str], cells: list[Cell]) -> list[dict[str, Any]]
 
 def plot_sweep(varying: list[str], cells: list[Cell], path: Path, metric: str = "test_top1") -> Path:
     """Top-1 (``metric``, %) against target sparsity, one line per combination of the other varying keys (mean ±
-    std over seeds); dense runs as a horizontal band. The x axis is ``-log10(1 - sparsity)``-spaced."""
+    std over seeds); dense runs as a horizontal band; on the right the same zoomed to within 8 points of the best
+    cell. The x axis is ``-log10(1 - sparsity)``-spaced."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,25 +352,34 @@ def plot_sweep(varying: list[str], cells: list[Cell], path: Path, metric: str = 
         label = f"{cell.values.get('sparsity.method', '')} {label}".strip()
         target = cell.finished[0]["sparsity_target"]
         lines.setdefault(label, []).append((target, stat))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if not lines and not dense:
+        raise ConfigError(f"no finished run has {metric} to plot")
 
     def position(sparsity: float) -> float:
         return -math.log10(1 - sparsity)
 
-    for label, points in sorted(lines.items()):
-        points.sort()
-        xs = [position(t) for t, _ in points]
-        ax.errorbar(
-            xs, [m for _, (m, _) in points], yerr=[s for _, (_, s) in points], marker="o", capsize=3, label=label
-        )
-    for mean, std in dense:
-        ax.axhspan(mean - std, mean + std, color="gray", alpha=0.2)
-        ax.axhline(mean, color="gray", linestyle="--", label=f"dense {mean:.2f}")
+    means = [m for points in lines.values() for _, (m, _) in points] + [m for m, _ in dense]
+    best = max(means)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     targets = sorted({t for points in lines.values() for t, _ in points})
-    ax.set_xticks([position(t) for t in targets], [f"{t:g}" for t in targets])
-    ax.set(xlabel="target sparsity", ylabel=f"{metric.replace('_', ' ')} (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, zoom in zip(axes, (False, True)):
+        for label, points in sorted(lines.items()):
+            points.sort()
+            xs = [position(t) for t, _ in points]
+            ax.errorbar(
+                xs, [m for _, (m, _) in points], yerr=[s for _, (_, s) in points], marker="o", capsize=3, label=label
+            )
+        for mean, std in dense:
+            ax.axhspan(mean - std, mean + std, color="gray", alpha=0.2)
+            ax.axhline(mean, color="gray", linestyle="--", label=f"dense {mean:.2f}")
+        if targets:
+            ax.set_xticks([position(t) for t in targets], [f"{t:g}" for t in targets])
+        ax.set(xlabel="target sparsity", ylabel=f"{metric.replace('_', ' ')} (%), mean ± std over seeds")
+        if zoom:  # the best cells, whatever the collapsed ones did
+            ax.set_ylim(max(min(means), best - 8) - 0.5, best + 0.5)
+            ax.set_title(f"within 8 points of the best ({best:.2f})", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

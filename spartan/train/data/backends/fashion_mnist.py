@@ -1,9 +1,11 @@
 """``data=fashion_mnist``: Zalando's Fashion-MNIST (70,000 28×28 grayscale images of clothing, 10 classes).
 
 Read from its four IDX files (gzipped or not), by default where the Debian package ``dataset-fashion-mnist``
-installs them. ``val_size`` of the 60,000 training images (stratified, fixed) are the validation split used for
-every choice of hyperparameters; the 10,000 test images are the ``test`` loader, which the trainer evaluates once,
-after the last epoch.
+installs them (gzipped, in one folder). torchvision's ``FashionMNIST`` cannot read them there: it wants the
+uncompressed files under ``<root>/FashionMNIST/raw/`` and otherwise downloads, so a twenty-line IDX reader is used.
+``val_size`` of the 60,000 training images (stratified, fixed) are the validation split used for every choice of
+hyperparameters; the 10,000 test images are the ``test`` loader, which the trainer evaluates once, after the last
+epoch.
 """
 
 from __future__ import annotations
