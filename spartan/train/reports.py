@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from spartan.methods import METHODS
 from spartan.train.errors import ConfigError
 
-IGNORED_KEYS = ("seed", "name", "resume", "logger.", "data.path", "data.train_path", "data.val_path", "trainer.")
-"""Config keys (or prefixes) that never define a sweep cell: replicates, labels, paths and how the job ran."""
+IGNORED_KEYS = ("seed", "name", "resume", "logger.", "data.path", "data.train_path", "data.val_path")
+"""Config keys (or prefixes) that never define a sweep cell: replicates, labels, where data and logs are."""
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
