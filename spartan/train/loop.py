@@ -290,8 +290,8 @@ class Run:
         seconds = time.perf_counter() - epoch_start
         skipped = int(all_reduce_sum([window["skipped"]], self.device)[0])
         self.progress.skipped_images += skipped
-        self._warn_empty_layers()
         degenerate = self.degenerate()
+        self._warn_empty_layers(degenerate.get("empty_layers", []))
         if degenerate:
             record = {"kind": "data", "epoch": epoch + 1, **degenerate, "skipped_images": skipped}
             self.metrics.log(record, step=self.progress.step)
@@ -385,7 +385,7 @@ class Run:
         }
         self.last_train = record
         self.metrics.log(record, step=self.progress.step)
-        self._warn_empty_layers()
+        self._warn_empty_layers(self.sparsifier.empty_layers())
         bar.set_postfix(
             loss=f"{record['loss']:.3f}",
             acc=f"{100 * record['top1']:.1f}%",
@@ -402,9 +402,10 @@ class Run:
             )
         self._restart_window()
 
-    def _warn_empty_layers(self) -> None:
-        """A warning (once per layer) when a masked layer has come to keep no weight at all."""
-        new = [name for name in self.sparsifier.empty_layers() if name not in self.warned_empty]
+    def _warn_empty_layers(self, empty: list[str]) -> None:
+        """A warning (once per layer) when a masked layer has come to keep no weight at all (``empty``: the layers
+        that keep none now)."""
+        new = [name for name in empty if name not in self.warned_empty]
         if new and self.is_main:
             log.warning(
                 f"step {self.progress.step}: {', '.join(new)} keep no weights (the layer's output no longer depends "
@@ -492,7 +493,8 @@ class Run:
         """Bake the masks in, validate the plain sparse model (and test it once, if the data has a test split),
         write ``model_final.pt`` and ``summary.json``."""
         model = self.sparsifier.finalize()
-        self._warn_empty_layers()
+        degenerate = self.degenerate()
+        self._warn_empty_layers(degenerate.get("empty_layers", []))
         totals = self.validate(self.config.schedule.epochs, "final")["totals"]
         final = self.val_metrics
         summary = {
@@ -502,7 +504,7 @@ class Run:
             **self._test(),
             "sparsity_target": self.config.sparsity.target if self.config.sparsity.method != "dense" else 0.0,
             **sparsity_fields(totals),
-            "degenerate": self.degenerate(),
+            "degenerate": degenerate,
             "accounting": self.config.sparsity.accounting,
             "epochs": self.config.schedule.epochs,
             "steps": self.progress.step,
