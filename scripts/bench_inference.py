@@ -40,21 +40,22 @@ from spartan.onnx_export import export_onnx, onnx_session, run_onnx
 
 MODELS = {
     "vit_b16": (
-        lambda: timm.create_model("vit_base_patch16_224"),
+        lambda **kwargs: timm.create_model("vit_base_patch16_224", **kwargs),
         SparsityConfig(target=0.9, block=(16, 16), include=("blocks.*",), accounting="masked"),
     ),
-    "resnet50": (lambda: torchvision.models.resnet50(), SparsityConfig(target=0.95)),
+    "resnet50": (lambda **kwargs: torchvision.models.resnet50(**kwargs), SparsityConfig(target=0.95)),
 }
 
 
-def sparse_model(name: str) -> nn.Module:
-    """The model with the Sparsifier's final masks at the target baked in (plain modules with exact zeros), each
-    layer's kept weights scaled by 1/√density so that activations keep their size through the depth (at 95%
-    zeros, random weights would otherwise leave the logits equal to the last bias, and the outputs' check void)."""
+def sparse_model(name: str, **model_kwargs) -> nn.Module:
+    """The model (built with ``model_kwargs``, e.g. a smaller ``depth``) with the Sparsifier's final masks at the
+    target baked in (plain modules with exact zeros), each layer's kept weights scaled by 1/√density so that
+    activations keep their size through the depth (at 95% zeros, random weights would otherwise leave the logits
+    equal to the last bias, and the outputs' check void)."""
     torch.manual_seed(0)
     build, config = MODELS[name]
     config = SparsityConfig(**{**config.to_dict(), "method": "magnitude", "warmup_frac": 0.0, "finetune_frac": 0.0})
-    model = build().eval()
+    model = build(**model_kwargs).eval()
     sparsifier = Sparsifier(model, config, total_steps=1)
     sparsifier.step()
     model = sparsifier.finalize()

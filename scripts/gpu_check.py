@@ -4,7 +4,7 @@
     python scripts/gpu_check.py --quick --device cpu     # a dry run of every section (a test runs it)
 
 Sections (each timed; a failure is printed and the next section runs): env, kernels, determinism, syncs,
-steps, ddp. Prints a table and writes JSON (default docs/gpu_check_<device>.json).
+steps, ddp, sparse_inference. Prints a table and writes JSON (default docs/gpu_check_<device>.json).
 """
 
 from __future__ import annotations
@@ -214,6 +214,47 @@ def section_ddp(args, device: torch.device) -> dict:
         dist.destroy_process_group()
 
 
+def section_sparse_inference(args, device: torch.device) -> dict:
+    """ViT-B/16 with 90% of its encoder's weights zero in 16×16 blocks (the Sparsifier's pattern), batch 64:
+    ms per forward of the dense model and of ``sparsify_for_inference``'s choice between dense and torch's BSR
+    product (on CUDA in bf16 and fp16: torch's Triton BSR kernels), the kernels chosen, their per-layer speed-ups
+    and the largest difference of the logits (--quick: a one-block ViT at 64 px, batch 2, in fp32)."""
+    import collections
+    import copy
+
+    from bench_inference import sparse_model
+
+    from spartan.inference import median_ms, sparsify_for_inference
+
+    quick = {"depth": 1, "img_size": 64} if args.quick else {}
+    size, batch = (64, 2) if args.quick else (224, 64)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+    base = sparse_model("vit_b16", **quick)
+    result = {}
+    for dtype in (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32,):
+        model = copy.deepcopy(base).to(device, dtype)
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        with torch.inference_mode():
+            expected = model(images).float()
+        dense_ms = median_ms(model, images, 5)
+        choices = sparsify_for_inference(model, images, kernels=("dense", "bsr"))
+        with torch.inference_mode():
+            difference = float((model(images).float() - expected).abs().max() / expected.abs().max())
+        sparse_ms = median_ms(model, images, 5)
+        speedups = [c.times_ms["dense"] / c.times_ms["bsr"] for c in choices if "bsr" in c.times_ms]
+        result[str(dtype).removeprefix("torch.")] = {
+            "dense_ms": dense_ms,
+            "sparse_ms": sparse_ms,
+            "speedup": dense_ms / sparse_ms,
+            "kernels": dict(collections.Counter(c.kernel for c in choices)),
+            "bsr_layer_speedup_min_max": [min(speedups), max(speedups)] if speedups else None,
+            "max_logit_difference_relative": difference,
+        }
+        if not difference <= tolerance[dtype]:
+            raise RuntimeError(f"{dtype}: sparse logits differ from dense by {difference:.2e} (relative): {result}")
+    return result
+
+
 def small_model() -> nn.Module:
     """A small conv net with 1×1 and 3×3 convolutions (quick runs and the DDP check)."""
     return nn.Sequential(
@@ -241,6 +282,7 @@ SECTIONS = {
     "syncs": section_syncs,
     "steps": section_steps,
     "ddp": section_ddp,
+    "sparse_inference": section_sparse_inference,
 }
 
 

@@ -2,17 +2,23 @@
 
 :func:`sparsify_for_inference` times, for every layer with zeros, each kernel that fits its pattern on the input
 the layer really sees (one forward pass of an example batch, at the current ``torch.get_num_threads()``), and
-swaps in a :class:`SparseLinear` or :class:`SparseConv1x1` running the fastest one, or leaves the layer as it is
-when dense wins. The sparse kernels compute ``W @ xᵀ``, the sparse weight being the left operand as MKL's sparse
-routines and small GEMMs want it:
+swaps in a :class:`PackedLinear`, :class:`SparseLinear` or :class:`SparseConv1x1` running the fastest one, or
+leaves the layer as it is when dense wins. ``packed`` computes ``x @ Wᵀ`` in the activations' own layout; the
+others compute ``W @ xᵀ``, the sparse weight being the left operand as MKL's sparse routines and small GEMMs
+want it:
 
 - ``csr`` / ``bsr``: ``torch.addmm`` of the weight as a sparse CSR / BSR tensor and the dense activations;
 - ``block_rows``: for weights zero in whole ``bh × bw`` blocks, one dense GEMM per row of blocks over the
   activation rows its kept blocks read (gathered with ``index_select``): small dense GEMMs instead of a sparse one;
 - ``blocks``: one ``bh × bw`` GEMM per kept block, accumulated into its rows of the output: no gather, one call
-  per block (wins with many tokens, loses to the call overhead with few).
+  per block (wins with many tokens, loses to the call overhead with few);
+- ``packed`` (Linear layers, float32 on the CPU): the C kernel of :mod:`spartan.native`, which computes
+  ``x @ Wᵀ`` in the usual ``(tokens, features)`` layout from the weight cut into strips of 16 output rows, each
+  keeping only its column groups (``bw`` columns wide) that hold a non-zero, packed as 16-float columns: one
+  vector FMA per kept weight column and token, no sparse-format overhead, no transposes. With ``bh`` a multiple
+  of 16 it does no work on zeros; on other patterns a strip computes the union of its rows' kept groups.
 
-A layer whose output goes (through elementwise ops) to another sparse layer returns it transposed, as a
+A ``W @ xᵀ`` layer whose output goes (through elementwise ops) to another such layer returns it transposed, as a
 ``(tokens, features)`` view of the ``(features, tokens)`` product, so that a chain such as fc1 → GELU → fc2 passes
 activations without transposing copies; other outputs are copied back to the usual layout. Outputs equal the
 dense layer's within float32 rounding; the modules work under ``torch.inference_mode()``.
@@ -21,6 +27,7 @@ dense layer's within float32 rounding; the modules work under ``torch.inference_
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,29 +36,36 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-SPARSE_KERNELS = ("csr", "bsr", "block_rows", "blocks")
+from spartan import native
+
+MATMUL_KERNELS = ("csr", "bsr", "block_rows", "blocks")
+"""The kernels of :class:`SparseMatmul`, which compute ``W @ xᵀ``."""
+SPARSE_KERNELS = (*MATMUL_KERNELS, "packed")
+"""Every sparse kernel; ``packed`` is :class:`PackedLinear`'s."""
 BLOCK_KERNELS = ("bsr", "block_rows", "blocks")
 """The kernels that need the weight to be zero in whole blocks."""
 KERNELS = ("dense", *SPARSE_KERNELS)
+PACKED_ROWS = 16
+"""Output rows per strip of the ``packed`` kernel: its vector width, fixed in ``csrc/packed_linear.c``."""
 
 
 class SparseMatmul(nn.Module):
-    """``W @ xt + b[:, None]`` for a fixed ``(out, in)`` weight ``W`` in one of :data:`SPARSE_KERNELS`."""
+    """``W @ xt + b[:, None]`` for a fixed ``(out, in)`` weight ``W`` in one of :data:`MATMUL_KERNELS`."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, kernel: str, block: tuple[int, int] = (1, 1)):
         super().__init__()
-        if kernel not in SPARSE_KERNELS:
-            raise ValueError(f"kernel must be one of {SPARSE_KERNELS}, got {kernel!r}")
+        if kernel not in MATMUL_KERNELS:
+            raise ValueError(f"kernel must be one of {MATMUL_KERNELS}, got {kernel!r}")
         weight = weight.detach().contiguous()
         self.kernel, self.block = kernel, block
         self.out_features, self.in_features = weight.shape
-        bias = torch.zeros(self.out_features, dtype=weight.dtype) if bias is None else bias.detach()
+        bias = weight.new_zeros(self.out_features) if bias is None else bias.detach()
         self.register_buffer("bias", bias.reshape(-1, 1).clone(), persistent=False)
         self.row_groups: list[tuple[int, Tensor, Tensor]] = []
         self.blocks: list[tuple[int, int, Tensor]] = []
         if kernel in ("csr", "bsr"):
-            with warnings.catch_warnings():  # torch's "sparse CSR support is in beta", once per layer
-                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            with warnings.catch_warnings():  # torch's "sparse CSR/BSR support is in beta", once per layer
+                warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
                 sparse = weight.to_sparse_csr() if kernel == "csr" else weight.to_sparse_bsr(block)
             self.register_buffer("weight", sparse, persistent=False)
         elif kernel == "block_rows":
@@ -126,6 +140,9 @@ class SparseLayer(nn.Module):
         """The ``(out, tokens)`` product viewed in the layer's output shape."""
         raise NotImplementedError
 
+    def reads_without_copy(self, x: Tensor) -> bool:
+        return self.tokens_first(x).is_contiguous()
+
     def forward(self, x: Tensor) -> Tensor:
         xt = self.tokens_first(x)
         view = self.output_view(self.matmul(xt.contiguous().view(self.matmul.in_features, -1)), x, xt)
@@ -168,6 +185,71 @@ class SparseConv1x1(SparseLayer):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, kernel={self.matmul.kernel}"
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` on float32 ``(..., in_features)`` CPU input computed by the ``packed`` C kernel (see the
+    module's docstring), in the usual layout. Inference only: its output carries no gradient."""
+
+    transposed_output = False  # its output is always in the usual layout, which every consumer reads directly
+
+    def __init__(self, linear: nn.Linear, block: tuple[int, int] = (1, 1)):
+        super().__init__()
+        if native.packed_linear_library() is None:
+            raise RuntimeError(f"the packed kernel is unavailable: {native.build_error()}")
+        weight = linear.weight.detach()
+        if weight.dtype != torch.float32 or weight.device.type != "cpu":
+            raise ValueError(f"PackedLinear takes a float32 CPU weight, got {weight.dtype} on {weight.device}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self.in_features % block[1]:
+            raise ValueError(f"the block width {block[1]} must divide in_features {self.in_features}")
+        self.width = block[1]
+        strip_ptr, columns, values = _packed_strips(weight, self.width)
+        bias = torch.zeros(len(strip_ptr) * PACKED_ROWS - PACKED_ROWS)
+        if linear.bias is not None:
+            bias[: self.out_features] = linear.bias.detach()
+        for name, tensor in (("strip_ptr", strip_ptr), ("columns", columns), ("values", values), ("bias", bias)):
+            self.register_buffer(name, tensor, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"PackedLinear({self.in_features}, {self.out_features}) takes float32 CPU input with "
+                f"{self.in_features} features, got {tuple(x.shape)} {x.dtype} on {x.device}"
+            )
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(1) != 1:  # the kernel takes any row stride
+            rows = rows.contiguous()
+        out = torch.empty(rows.shape[0], self.out_features)
+        if rows.shape[0]:
+            native.packed_linear_library().packed_linear(  # looked up per call: a module attribute would not copy
+                rows.data_ptr(), rows.stride(0), out.data_ptr(), self.out_features, rows.shape[0], self.out_features,
+                self.strip_ptr.data_ptr(), self.columns.data_ptr(), self.values.data_ptr(), self.width,
+                self.bias.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def reads_without_copy(self, x: Tensor) -> bool:
+        return x.reshape(-1, self.in_features).stride(1) == 1
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kernel=packed, width={self.width}"
+
+
+def _packed_strips(weight: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``weight`` as strips of :data:`PACKED_ROWS` rows (the last zero-padded) keeping their column groups of
+    ``width`` columns that hold a non-zero: per strip the index of its first group (and the end), each group's
+    first column, and the groups' weights as ``(groups, width, PACKED_ROWS)``."""
+    out_features, in_features = weight.shape
+    strips = -(-out_features // PACKED_ROWS)
+    padded = weight.new_zeros(strips * PACKED_ROWS, in_features)
+    padded[:out_features] = weight
+    groups = padded.view(strips, PACKED_ROWS, in_features // width, width)
+    kept = groups.ne(0).any(3).any(1)
+    strip_ptr = torch.zeros(strips + 1, dtype=torch.int64)
+    strip_ptr[1:] = kept.sum(1).cumsum(0)
+    strip, group = kept.nonzero(as_tuple=True)
+    return strip_ptr, group * width, groups[strip, :, group, :].transpose(1, 2).contiguous()
 
 
 def is_sparse_conv_candidate(module: nn.Module) -> bool:
@@ -273,21 +355,43 @@ def _choose_output_layouts(model: nn.Module, example: Tensor, layers: dict[str, 
     def record(name: str) -> Callable:
         def hook(module: SparseLayer, args: tuple) -> None:
             order.append(name)
-            reads_free[name] = module.tokens_first(args[0]).is_contiguous()
+            reads_free[name] = module.reads_without_copy(args[0])
 
         return hook
 
-    for layer in layers.values():
+    transposable = {name: layer for name, layer in layers.items() if isinstance(layer, SparseLayer)}
+    for layer in transposable.values():
         layer.transposed_output = True
     _run_with_pre_hooks(model, example, {layer: record(name) for name, layer in layers.items()})
-    for layer in layers.values():
+    for layer in transposable.values():
         layer.transposed_output = False
     for name, following in zip(order, order[1:]):
-        layers[name].transposed_output = reads_free[following]
+        if name in transposable:
+            transposable[name].transposed_output = reads_free[following]
 
 
-def _sparse_module(module: nn.Module, kernel: str, block: tuple[int, int]) -> SparseLayer:
+def _sparse_module(module: nn.Module, kernel: str, block: tuple[int, int]) -> nn.Module:
+    if kernel == "packed":
+        return PackedLinear(module, block)
     return (SparseLinear if isinstance(module, nn.Linear) else SparseConv1x1)(module, kernel, block)
+
+
+def _packed_fits(module: nn.Module, x: Tensor) -> bool:
+    """Whether the ``packed`` kernel can compute ``module`` on ``x`` here (warns once if its library cannot be
+    built on this machine)."""
+    if not (isinstance(module, nn.Linear) and module.weight.dtype == x.dtype == torch.float32):
+        return False
+    if module.weight.device.type != "cpu" or x.device.type != "cpu":
+        return False
+    if native.packed_linear_library() is None:
+        _warn_once(f"the packed sparse kernel is unavailable, other kernels are used: {native.build_error()}")
+        return False
+    return True
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _density(weight: Tensor) -> float:
@@ -300,10 +404,16 @@ def _choose(name: str, module: nn.Module, x: Tensor, kernels: Sequence[str], rep
     block = _largest_zero_block(weight)
     times, layers = {}, {}
     for kernel in kernels:
-        if kernel in BLOCK_KERNELS and block == (1, 1):
+        if (kernel in BLOCK_KERNELS and block == (1, 1)) or (kernel == "packed" and not _packed_fits(module, x)):
             continue
-        layers[kernel] = module if kernel == "dense" else _sparse_module(module, kernel, block)
-        times[kernel] = median_ms(layers[kernel].forward, x, repeats)  # forward(): not this pre-hook again
+        try:
+            layers[kernel] = module if kernel == "dense" else _sparse_module(module, kernel, block)
+            times[kernel] = median_ms(layers[kernel].forward, x, repeats)  # forward(): not this pre-hook again
+        except (RuntimeError, NotImplementedError) as err:  # e.g. MKL's sparse products have no bfloat16
+            if kernel == "dense":
+                raise
+            layers.pop(kernel, None)
+            _warn_once(f"the {kernel} kernel cannot run on {x.dtype} input on {x.device.type}, skipped: {err}")
     kernel = min(times, key=times.get)
     return Choice(name, tuple(weight.shape), _density(weight), block, times, kernel), layers[kernel]
 
@@ -323,12 +433,16 @@ def _largest_zero_block(weight: Tensor) -> tuple[int, int]:
 
 
 def median_ms(call: Callable[[Tensor], Tensor], x: Tensor, repeats: int) -> float:
-    """Median milliseconds of ``call(x)`` over ``repeats`` calls after one warm-up, under inference mode."""
+    """Median milliseconds of ``call(x)`` over ``repeats`` calls after one warm-up, under inference mode (on CUDA
+    each call is waited for: kernels run asynchronously)."""
+    wait = torch.cuda.synchronize if x.is_cuda else lambda: None
     with torch.inference_mode():
         call(x)
         times = []
         for _ in range(repeats):
+            wait()
             start = time.perf_counter()
             call(x)
+            wait()
             times.append(time.perf_counter() - start)
     return 1e3 * sorted(times)[len(times) // 2]

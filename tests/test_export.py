@@ -9,12 +9,13 @@ import pytest
 import torch
 import torchvision
 from conftest import clean_env, run_cli
+from helpers.sparse_layers import Mlp, block_sparse, unstructured
 from torch import nn
 
-from spartan import Sparsifier, SparsityConfig, compressed
+from spartan import Sparsifier, SparsityConfig, compressed, inference
 from spartan.inference import (
     BLOCK_KERNELS,
-    SPARSE_KERNELS,
+    MATMUL_KERNELS,
     SparseConv1x1,
     SparseLinear,
     sparsify_for_inference,
@@ -26,18 +27,6 @@ NEGATIVE_ZERO = -(2**31)  # the bits of −0.0 as an int32
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
-
-
-def block_sparse(rows: int, cols: int, block: int, density: float, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    kept = torch.rand(rows // block, cols // block, generator=gen) < density
-    mask = kept.repeat_interleave(block, 0).repeat_interleave(block, 1)
-    return torch.where(mask, torch.randn(rows, cols, generator=gen), 0.0)  # +0.0: a product could give −0.0
-
-
-def unstructured(shape: tuple[int, ...], density: float, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.where(torch.rand(shape, generator=gen) < density, torch.randn(shape, generator=gen), 0.0)
 
 
 def entry_bytes(entry: dict) -> int:
@@ -116,7 +105,7 @@ def test_unknown_files_and_encodings_are_named():
         compressed.decode({"encoding": "csr"})
 
 
-@pytest.mark.parametrize("kernel", SPARSE_KERNELS)
+@pytest.mark.parametrize("kernel", MATMUL_KERNELS)
 def test_sparse_linear_equals_the_dense_layer(kernel):
     torch.manual_seed(0)
     linear = nn.Linear(128, 96)
@@ -134,7 +123,7 @@ def test_sparse_linear_equals_the_dense_layer(kernel):
         assert torch.allclose(sparse(x[:, ::2]), linear(x[:, ::2]), atol=1e-5, rtol=1e-5)  # a strided input
 
 
-@pytest.mark.parametrize("kernel", SPARSE_KERNELS)
+@pytest.mark.parametrize("kernel", MATMUL_KERNELS)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_sparse_1x1_convolution_equals_the_dense_layer(kernel, stride):
     torch.manual_seed(0)
@@ -156,23 +145,6 @@ def test_sparse_modules_reject_what_they_cannot_compute():
         sparsify_for_inference(nn.Linear(4, 4), torch.randn(1, 4), kernels=("csr",))
 
 
-class Mlp(nn.Module):
-    """A transformer MLP block: fc1 → GELU → fc2 with a residual, the chain whose activations pass transposed."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm, self.fc1, self.fc2, self.head = (
-            nn.LayerNorm(64),
-            nn.Linear(64, 256),
-            nn.Linear(256, 64),
-            nn.Linear(64, 10),
-        )
-
-    def forward(self, x):
-        x = x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
-        return self.head(x.mean(1))
-
-
 def test_sparsify_for_inference_keeps_the_outputs_and_passes_activations_transposed():
     torch.manual_seed(0)
     model = Mlp().eval()
@@ -191,6 +163,25 @@ def test_sparsify_for_inference_keeps_the_outputs_and_passes_activations_transpo
         assert model.fc1.transposed_output and not model.fc2.transposed_output  # fc2's output meets the residual
     with torch.inference_mode():
         assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_that_cannot_run_the_input_is_skipped_with_a_warning():
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    with torch.no_grad():
+        model.fc1.weight.copy_(block_sparse(256, 64, 16, 0.1))
+    model = model.to(torch.bfloat16)
+    x = torch.randn(2, 20, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = model(x)
+    inference._warn_once.cache_clear()
+    with pytest.warns(
+        UserWarning, match=r"the bsr kernel cannot run on torch.bfloat16 input on cpu, skipped: .*BFloat"
+    ):
+        choices = sparsify_for_inference(model, x, kernels=("dense", "bsr", "blocks"), repeats=1)
+    assert [set(c.times_ms) for c in choices] == [{"dense", "blocks"}]  # fc2 is dense: not a candidate
+    with torch.inference_mode():
+        assert torch.allclose(model(x), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_onnx_export_matches_onnxruntime(tmp_path):
