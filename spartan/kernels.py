@@ -109,7 +109,6 @@ def launch(
     ``SPARTAN_COMPILE=0`` or call :func:`set_compile` to run eagerly on purpose. On the CPU it warns once and
     falls back to the eager chunks; :func:`path` reports which path is active and why.
     """
-    global _compile_enabled, _fallback_reason
     if _compile_enabled and u.numel() >= COMPILE_MIN_NUMEL:
         fn = _compiled.get(kernel)
         if fn is None:
@@ -117,19 +116,7 @@ def launch(
         try:
             return torch.cat(fn(u, costs, out, *scalars))
         except Exception as err:
-            cause = f"{type(err).__name__}: {err}"
-            if u.device.type == "cuda":
-                raise RuntimeError(
-                    f"spartan: torch.compile of the top-k kernels failed on {u.device} ({cause}); the eager "
-                    f"fallback would be slow here: fix the toolchain (Triton) or set SPARTAN_COMPILE=0 to run "
-                    f"eagerly on purpose"
-                ) from err
-            _compile_enabled, _fallback_reason = False, f"torch.compile failed ({cause})"
-            warnings.warn(
-                f"spartan: torch.compile of the top-k kernels failed ({cause}); falling back to eager chunked kernels",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _compile_failed(u.device, err)
     chunk = EAGER_CHUNK_CUDA if u.device.type == "cuda" else EAGER_CHUNK
     eager = _EAGER.get(kernel, kernel)
     sums = maxima = None
@@ -139,6 +126,25 @@ def launch(
         sums = chunk_sums if sums is None else sums + chunk_sums
         maxima = chunk_maxima if maxima is None else torch.maximum(maxima, chunk_maxima)
     return torch.cat([sums, maxima])
+
+
+def _compile_failed(device: torch.device, err: Exception) -> None:
+    """A compiled kernel raised ``err`` on ``device``: raise on CUDA; elsewhere switch to the eager chunks for the
+    rest of the process, with one warning."""
+    global _compile_enabled, _fallback_reason
+    cause = f"{type(err).__name__}: {err}"
+    if device.type == "cuda":
+        raise RuntimeError(
+            f"spartan: torch.compile of the top-k kernels failed on {device} ({cause}); the eager "
+            f"fallback would be slow here: fix the toolchain (Triton) or set SPARTAN_COMPILE=0 to run "
+            f"eagerly on purpose"
+        ) from err
+    _compile_enabled, _fallback_reason = False, f"torch.compile failed ({cause})"
+    warnings.warn(
+        f"spartan: torch.compile of the top-k kernels failed ({cause}); falling back to eager chunked kernels",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def warm_up(device: torch.device, dtype: torch.dtype, with_costs: bool) -> None:

@@ -64,6 +64,28 @@ def test_the_kernel_path_is_reported():
         kernels.set_compile(True)
 
 
+def test_a_compile_failure_falls_back_on_the_cpu_and_raises_on_cuda(monkeypatch):
+    def broken(*args):
+        raise ValueError("no Triton here")
+
+    u = torch.rand(kernels.COMPILE_MIN_NUMEL, dtype=torch.float64)
+    scalars = torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64).unbind(0)
+    kernels.set_compile(False)
+    expected = kernels.launch(kernels.soft_mask_pass, u, None, torch.empty_like(u), *scalars)
+    kernels.set_compile(True)
+    monkeypatch.setitem(kernels._compiled, kernels.soft_mask_pass, broken)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"failed \(ValueError: no Triton here\); falling back to eager"):
+            got = kernels.launch(kernels.soft_mask_pass, u, None, torch.empty_like(u), *scalars)
+        assert torch.equal(got, expected)  # the step that hit the failure still gets its result
+        assert kernels.path() == "eager: torch.compile failed (ValueError: no Triton here)"
+    finally:
+        kernels.set_compile(True)
+    with pytest.raises(RuntimeError, match=r"failed on cuda:0 \(ValueError: no Triton here\).*SPARTAN_COMPILE=0"):
+        kernels._compile_failed(torch.device("cuda", 0), ValueError("no Triton here"))
+    assert kernels.path() == "compiled"  # raising leaves the path as it was
+
+
 def test_the_gpu_check_dry_runs_every_section_on_the_cpu(tmp_path):
     import json
     import subprocess
