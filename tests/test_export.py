@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 from conftest import clean_env, run_cli
-from helpers.sparse_layers import Mlp, block_sparse, unstructured
+from helpers.sparse_layers import block_sparse, sparse_mlp, unstructured
 from torch import nn
 
 from spartan import Sparsifier, SparsityConfig, compressed, inference
@@ -146,11 +146,7 @@ def test_sparse_modules_reject_what_they_cannot_compute():
 
 
 def test_sparsify_for_inference_keeps_the_outputs_and_passes_activations_transposed():
-    torch.manual_seed(0)
-    model = Mlp().eval()
-    with torch.no_grad():
-        model.fc1.weight.copy_(block_sparse(256, 64, 16, 0.1))
-        model.fc2.weight.copy_(block_sparse(64, 256, 16, 0.1))
+    model = sparse_mlp()
     x = torch.randn(4, 197, 64)
     with torch.inference_mode():
         expected = model(x)
@@ -166,10 +162,7 @@ def test_sparsify_for_inference_keeps_the_outputs_and_passes_activations_transpo
 
 
 def test_a_kernel_that_cannot_run_the_input_is_skipped_with_a_warning():
-    torch.manual_seed(0)
-    model = Mlp().eval()
-    with torch.no_grad():
-        model.fc1.weight.copy_(block_sparse(256, 64, 16, 0.1))
+    model = sparse_mlp(fc2=False)
     model = model.to(torch.bfloat16)
     x = torch.randn(2, 20, 64, dtype=torch.bfloat16)
     with torch.inference_mode():

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.sparse_layers import Mlp, block_sparse, unstructured
+from helpers.sparse_layers import block_sparse, sparse_mlp, unstructured
 from torch import nn
 
 from spartan import inference, native
@@ -90,11 +90,7 @@ def test_packed_linear_rejects_what_it_cannot_compute():
 
 
 def test_sparsify_for_inference_offers_packed_and_keeps_the_outputs():
-    torch.manual_seed(0)
-    model = Mlp().eval()
-    with torch.no_grad():
-        model.fc1.weight.copy_(block_sparse(256, 64, 16, 0.1))
-        model.fc2.weight.copy_(block_sparse(64, 256, 16, 0.1))
+    model = sparse_mlp()
     x = torch.randn(4, 197, 64)
     with torch.inference_mode():
         expected = model(x)
@@ -106,11 +102,7 @@ def test_sparsify_for_inference_offers_packed_and_keeps_the_outputs():
 
 
 def test_a_sparse_layer_feeding_a_packed_one_returns_the_usual_layout():
-    torch.manual_seed(0)
-    model = Mlp().eval()
-    with torch.no_grad():
-        model.fc1.weight.copy_(block_sparse(256, 64, 16, 0.1))
-        model.fc2.weight.copy_(block_sparse(64, 256, 16, 0.1))
+    model = sparse_mlp()
     x = torch.randn(2, 33, 64)
     with torch.inference_mode():
         expected = model(x)
@@ -141,9 +133,7 @@ def test_without_a_working_compiler_the_other_kernels_are_used(fresh_library, mo
     assert native.packed_linear_library() is None and reason in native.build_error()
     with pytest.raises(RuntimeError, match="the packed kernel is unavailable"):
         PackedLinear(linear_with(PATTERNS["16x16 blocks"][0]), (16, 16))
-    model = Mlp().eval()
-    with torch.no_grad():
-        model.fc1.weight.copy_(block_sparse(256, 64, 16, 0.1))
+    model = sparse_mlp(fc2=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         choices = sparsify_for_inference(model, torch.randn(2, 20, 64), kernels=("dense", "packed"), repeats=1)

@@ -31,3 +31,14 @@ class Mlp(nn.Module):
     def forward(self, x):
         x = x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
         return self.head(x.mean(1))
+
+
+def sparse_mlp(*, fc2: bool = True) -> Mlp:
+    """An :class:`Mlp` in eval mode with ``fc1`` (and ``fc2``) 10% dense in 16×16 blocks; seeded."""
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    with torch.no_grad():
+        model.fc1.weight.copy_(block_sparse(256, 64, 16, 0.1))
+        if fc2:
+            model.fc2.weight.copy_(block_sparse(64, 256, 16, 0.1))
+    return model
