@@ -212,6 +212,12 @@ class PackedLinear(nn.Module):
             self.register_buffer(name, tensor, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        for buffer in (self.values, self.bias):  # .to() / .half() on the model would hand the C code other memory
+            if buffer.dtype != torch.float32 or buffer.device.type != "cpu":
+                raise ValueError(
+                    f"PackedLinear runs in float32 on the CPU only; its weights were moved to {buffer.dtype} on "
+                    f"{buffer.device}: sparsify the model again for that dtype and device"
+                )
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"PackedLinear({self.in_features}, {self.out_features}) takes float32 CPU input with "
@@ -353,7 +359,7 @@ def _choose_output_layouts(model: nn.Module, example: Tensor, layers: dict[str, 
     order, reads_free = [], {}
 
     def record(name: str) -> Callable:
-        def hook(module: SparseLayer, args: tuple) -> None:
+        def hook(module: SparseLayer | PackedLinear, args: tuple) -> None:
             order.append(name)
             reads_free[name] = module.reads_without_copy(args[0])
 

@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
+BUILD_TIMEOUT_S = 120
 _errors: dict[str, str] = {}
 
 
@@ -61,10 +62,15 @@ def _build(name: str) -> Path:
         built = Path(work) / f"{name}.so"
         try:
             result = subprocess.run(
-                [*command, str(Path(work) / f"{name}.c"), "-o", str(built)], capture_output=True, text=True
+                [*command, str(Path(work) / f"{name}.c"), "-o", str(built)],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
             )
         except OSError as error:
             raise RuntimeError(f"no C compiler {command[0]!r} ({error}); install one (e.g. gcc) or set CC") from None
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{' '.join(command)} did not finish in {BUILD_TIMEOUT_S} s") from None
         if result.returncode:
             raise RuntimeError(
                 f"{' '.join(command)} failed with exit code {result.returncode}: {result.stderr[-2000:]}"

@@ -83,6 +83,8 @@ def test_packed_linear_rejects_what_it_cannot_compute():
         packed(torch.randn(2, 128, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"with 128 features, got \(2, 64\)"):
         packed(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="its weights were moved to torch.float16 on cpu: sparsify the model again"):
+        PackedLinear(linear_with(weight), block).half()(torch.randn(2, 128))
     with pytest.raises(ValueError, match="takes a float32 CPU weight, got torch.float64"):
         PackedLinear(linear_with(weight).double(), block)
     with pytest.raises(ValueError, match="the block width 48 must divide in_features 128"):
