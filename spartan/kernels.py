@@ -114,7 +114,8 @@ def launch(
         if fn is None:
             fn = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         try:
-            return torch.cat(fn(u, costs, out, *scalars))
+            with torch.no_grad():  # sums and masks are never differentiated; one grad mode halves the variants
+                return torch.cat(fn(u, costs, out, *scalars))  # that count against dynamo's recompile limit
         except Exception as err:
             _compile_failed(u.device, err)
     chunk = EAGER_CHUNK_CUDA if u.device.type == "cuda" else EAGER_CHUNK

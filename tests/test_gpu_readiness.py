@@ -86,6 +86,19 @@ def test_a_compile_failure_falls_back_on_the_cpu_and_raises_on_cuda(monkeypatch)
     assert kernels.path() == "compiled"  # raising leaves the path as it was
 
 
+def test_the_grad_mode_of_the_caller_does_not_recompile_the_kernels():
+    from torch._dynamo.utils import counters
+
+    u = torch.rand(kernels.COMPILE_MIN_NUMEL, dtype=torch.float64)
+    scalars = torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64).unbind(0)
+    with torch.no_grad():
+        kernels.launch(kernels.soft_mask_pass, u, None, torch.empty_like(u), *scalars)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.enable_grad():  # dynamo's recompile limit is small: each variant of a kernel uses up one entry
+        kernels.launch(kernels.soft_mask_pass, u, None, torch.empty_like(u), *scalars)
+    assert counters["stats"]["unique_graphs"] == graphs and kernels.path() == "compiled"
+
+
 def test_the_gpu_check_dry_runs_every_section_on_the_cpu(tmp_path):
     import json
     import subprocess
