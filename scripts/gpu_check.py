@@ -10,7 +10,9 @@ steps, ddp, sparse_inference. Prints a table and writes JSON (default docs/gpu_c
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -219,10 +221,7 @@ def section_sparse_inference(args, device: torch.device) -> dict:
     ms per forward of the dense model and of ``sparsify_for_inference``'s choice between dense and torch's BSR
     product (on CUDA in bf16 and fp16: torch's Triton BSR kernels), the kernels chosen, their per-layer speed-ups
     and the largest difference of the logits (--quick: a one-block ViT at 64 px, batch 2, in fp32)."""
-    import collections
-    import copy
-
-    from bench_inference import sparse_model
+    from bench_inference import sparse_model  # here: it imports timm and onnxruntime, which only this section needs
 
     from spartan.inference import median_ms, sparsify_for_inference
 
