@@ -86,7 +86,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.sync()
         middle = time.perf_counter()
-        self.sparsifier.step()
+        self.sparsifier.step(statistics=False)  # as the trainer does between log steps
         self.sync()
         end = time.perf_counter()
         if timed:

@@ -4,7 +4,8 @@
     python scripts/gpu_check.py --quick --device cpu     # a dry run of every section (a test runs it)
 
 Sections (each timed; a failure is printed and the next section runs): env, kernels, determinism, syncs,
-steps, ddp, sparse_inference. Prints a table and writes JSON (default docs/gpu_check_<device>.json).
+steps, ddp, sparse_inference, ffcv (skipped where FFCV is not importable). Prints a table and writes JSON
+(default docs/gpu_check_<device>.json).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def section_kernels(args, device: torch.device) -> dict:
     """Compile time and warm time of the fused passes on a ResNet-50-sized vector; the fallback must not fire."""
     n = 1 << 18 if args.quick else 25_502_912
     u = torch.rand(n, device=device)
-    out, flags = torch.empty_like(u), torch.empty(n, dtype=torch.uint8, device=device)
+    out, flags = torch.empty_like(u), tuple(torch.empty(n, dtype=torch.uint8, device=device) for _ in range(2))
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warning is a failure here
@@ -254,6 +255,62 @@ def section_sparse_inference(args, device: torch.device) -> dict:
     return result
 
 
+class Skipped(Exception):
+    """A section that cannot run on this machine: recorded with its reason, not a failure."""
+
+
+def section_ffcv(args, device: torch.device) -> dict:
+    """FFCV's validation pipeline on ``device`` (decoded on the CPU, copied, normalized there) gives the CPU
+    pipeline's batches, in float32 and bfloat16; skipped where FFCV is not importable (as on the lent GPU
+    machine, where it cannot be built)."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as err:
+        raise Skipped(f"ffcv is not importable here ({err})") from None
+    import numpy as np
+    from PIL import Image
+
+    from spartan.train.data import ffcv_writer
+    from spartan.train.data.backends.ffcv import FFCVConfig
+    from spartan.train.data.ffcv_loader import ffcv_loaders
+
+    classes, per_class = 4, 5
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}  # the two normalizations round alike to within a bf16 step
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root, rng = Path(tmp), np.random.default_rng(0)
+        for label in range(classes):
+            folder = root / "images" / "val" / f"n{label:04d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(40 + 4 * i, 36 + 6 * label, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.JPEG", quality=90)
+        ffcv_writer.write_split(
+            root / "images", "val", root / "val.beton", max_resolution=64, workers=1, progress=False
+        )
+        for dtype in tolerance:
+            config = FFCVConfig(
+                path=str(root), image_size=32, batch_size=8, num_classes=classes, num_workers=2, dtype=dtype
+            )
+            epochs = {}
+            for where in (device, torch.device("cpu")):
+                loaders = ffcv_loaders(config, rank=0, world=1, seed=0, device=where, train=False)
+                batches = []
+                for images, labels in loaders.val:
+                    if images.device.type != where.type or labels.device.type != where.type:
+                        raise RuntimeError(f"the loader for {where} handed a batch on {images.device}")
+                    batches.append((images.cpu().float(), labels.cpu()))  # copies: FFCV reuses its buffers
+                if len(batches) != -(-classes * per_class // config.batch_size):
+                    raise RuntimeError(f"{where}: {len(batches)} validation batches for {classes * per_class} images")
+                epochs[where.type] = batches
+            on_device, on_cpu = epochs[device.type], epochs["cpu"]
+            worst = max(float((a - b).abs().max()) for (a, _), (b, _) in zip(on_device, on_cpu))
+            if not all(torch.equal(a, b) for (_, a), (_, b) in zip(on_device, on_cpu)) or worst > tolerance[dtype]:
+                raise RuntimeError(f"{dtype}: {device} batches differ from the CPU's by {worst:.2e} (or in labels)")
+            result[dtype] = {"batches": len(on_device), "max_image_difference": worst}
+    return result
+
+
 def small_model() -> nn.Module:
     """A small conv net with 1×1 and 3×3 convolutions (quick runs and the DDP check)."""
     return nn.Sequential(
@@ -282,6 +339,7 @@ SECTIONS = {
     "steps": section_steps,
     "ddp": section_ddp,
     "sparse_inference": section_sparse_inference,
+    "ffcv": section_ffcv,
 }
 
 
@@ -311,6 +369,8 @@ def main() -> int:
         began = time.perf_counter()
         try:
             results[name] = {"status": "ok", **SECTIONS[name](args, device)}
+        except Skipped as why:
+            results[name] = {"status": "skipped", "reason": str(why)}
         except Exception as err:  # report it and go on: one failure must not hide the other sections
             traceback.print_exc()
             results[name] = {"status": "failed", "error": f"{type(err).__name__}: {err}"}

@@ -1,6 +1,7 @@
-"""Fused single-pass reductions behind the top-k solvers.
+"""Fused single-pass kernels: the reductions behind the top-k solvers (:func:`launch`) and the elementwise
+gradient passes of Spartan's masks (:func:`fuse`).
 
-Each kernel is plain PyTorch over one flat slice and returns two float64 vectors, partial sums and
+Each top-k kernel is plain PyTorch over one flat slice and returns two float64 vectors, partial sums and
 partial maxima, so the same code runs two ways: compiled by ``torch.compile`` over the whole vector (one
 fused loop, no temporaries) for large inputs, or eagerly over fixed-size chunks (bounded temporaries) for
 small inputs and wherever compilation is unavailable; the chunks' sums add up and their maxima combine.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,19 +62,24 @@ def soft_mask_pass(
     return sums, s.amax().double().reshape(1)
 
 
-def band_pass(u: Tensor, costs: Tensor | None, flags: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Set ``flags`` (uint8) to 1 where ``lo <= u < hi``, 2 where ``u >= hi``, 0 below.
+def band_pass(
+    u: Tensor, costs: Tensor | None, out: tuple[Tensor, Tensor], lo: Tensor, hi: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Into ``out = (inside, above)`` (uint8, like ``u``) write 1 where ``lo <= u < hi`` and where ``u >= hi``.
 
     Returns ``[cost of u >= hi, cost in band, Σ (u − u)]`` and no maxima; costs are counts without ``costs``.
-    Written for Inductor: ``where`` into uint8 and int32 sums vectorize in its C++ code (bool stores and
-    ``sum(dtype=...)`` of bools do not: 10× slower); :func:`_band_pass_eager` is the same for eager chunks.
+    Written for Inductor's C++ code: int64 ``where``s, sums and uint8 stores vectorize (bool stores, and sums of
+    uint8 converted to int32, run 3–15× slower); :func:`_band_pass_eager` is the same for eager chunks.
+    ``above`` is meant to be the hard mask's bytes (``mask.view(torch.uint8)``): no second pass writes it.
     """
-    from_lo = torch.where(u >= lo, 1, 0).to(torch.uint8)
-    from_hi = torch.where(u >= hi, 1, 0).to(torch.uint8)
-    flags.copy_(from_lo + from_hi)
-    if costs is None:  # exact integer counts, loaded narrow (twice as fast as float64 sums)
-        cost_above = from_hi.to(torch.int32).sum().double()
-        cost_inside = from_lo.to(torch.int32).sum().double() - cost_above
+    inside, above = out
+    from_lo = torch.where(u >= lo, 1, 0)
+    from_hi = torch.where(u >= hi, 1, 0)
+    inside.copy_((from_lo - from_hi).to(torch.uint8))
+    above.copy_(from_hi.to(torch.uint8))
+    if costs is None:  # exact integer counts
+        cost_above = from_hi.sum().double()
+        cost_inside = from_lo.sum().double() - cost_above
     else:
         c = costs.double()
         cost_above = torch.where(from_hi == 1, c, 0.0).sum()
@@ -81,10 +88,14 @@ def band_pass(u: Tensor, costs: Tensor | None, flags: Tensor, lo: Tensor, hi: Te
     return sums, sums.new_empty(0)
 
 
-def _band_pass_eager(u: Tensor, costs: Tensor | None, flags: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+def _band_pass_eager(
+    u: Tensor, costs: Tensor | None, out: tuple[Tensor, Tensor], lo: Tensor, hi: Tensor
+) -> tuple[Tensor, Tensor]:
     """:func:`band_pass` in the fewest eager ops (bool compares, sums with an int32 accumulator)."""
+    inside, above = out
     from_lo, from_hi = u >= lo, u >= hi
-    torch.add(from_lo.view(torch.uint8), from_hi.view(torch.uint8), out=flags)
+    above.copy_(from_hi.view(torch.uint8))
+    torch.sub(from_lo.view(torch.uint8), above, out=inside)
     if costs is None:
         cost_above = from_hi.sum(dtype=torch.int32).double()
         cost_inside = from_lo.sum(dtype=torch.int32).double() - cost_above
@@ -100,10 +111,15 @@ _EAGER = {band_pass: _band_pass_eager}
 
 
 def launch(
-    kernel: Callable[..., tuple[Tensor, Tensor]], u: Tensor, costs: Tensor | None, out: Tensor, *scalars: Tensor
+    kernel: Callable[..., tuple[Tensor, Tensor]],
+    u: Tensor,
+    costs: Tensor | None,
+    out: Tensor | tuple[Tensor, ...],
+    *scalars: Tensor,
 ) -> Tensor:
-    """Run ``kernel(u, costs, out, *scalars)`` over all of ``u``; return its sums followed by its maxima as one
-    float64 tensor on ``u``'s device (nothing is read on the host).
+    """Run ``kernel(u, costs, out, *scalars)`` over all of ``u`` (``out``: one tensor like ``u`` or a tuple of
+    them); return its sums followed by its maxima as one float64 tensor on ``u``'s device (nothing is read on
+    the host).
 
     A compilation failure raises on CUDA (the eager path launches hundreds of kernels per pass there); set
     ``SPARTAN_COMPILE=0`` or call :func:`set_compile` to run eagerly on purpose. On the CPU it warns once and
@@ -115,7 +131,7 @@ def launch(
             fn = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         try:
             with torch.no_grad():  # sums and masks are never differentiated; one grad mode halves the variants
-                return torch.cat(fn(u, costs, out, *scalars))  # that count against dynamo's recompile limit
+                return torch.cat(fn(*_unaliased(u, costs, out, *scalars)))  # that count against dynamo's limit
         except Exception as err:
             _compile_failed(u.device, err)
     chunk = EAGER_CHUNK_CUDA if u.device.type == "cuda" else EAGER_CHUNK
@@ -123,10 +139,37 @@ def launch(
     sums = maxima = None
     for start in range(0, u.numel(), chunk):
         part = slice(start, start + chunk)
-        chunk_sums, chunk_maxima = eager(u[part], None if costs is None else costs[part], out[part], *scalars)
+        chunk_out = tuple(o[part] for o in out) if isinstance(out, tuple) else out[part]
+        chunk_sums, chunk_maxima = eager(u[part], None if costs is None else costs[part], chunk_out, *scalars)
         sums = chunk_sums if sums is None else sums + chunk_sums
         maxima = chunk_maxima if maxima is None else torch.maximum(maxima, chunk_maxima)
     return torch.cat([sums, maxima])
+
+
+def fuse(kernel: Callable[..., Any], *args: Any) -> Any:
+    """``kernel(*args)``, compiled into one loop when its first argument has at least :data:`COMPILE_MIN_NUMEL`
+    entries and compilation is on; eagerly otherwise, and inside a region ``torch.compile`` is tracing (the
+    kernel is then part of the caller's graph). Failures are handled as in :func:`launch`."""
+    first = args[0]
+    if _compile_enabled and first.numel() >= COMPILE_MIN_NUMEL and not torch.compiler.is_compiling():
+        fn = _compiled.get(kernel)
+        if fn is None:
+            fn = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
+        try:
+            with torch.no_grad():
+                return fn(*_unaliased(*args))
+        except Exception as err:
+            _compile_failed(first.device, err)
+    return kernel(*args)
+
+
+def _unaliased(*args: Any) -> list[Any]:
+    """Tensors (also inside tuples) detached: the same memory, but a view no longer carries its ``_base``, on
+    whose shape dynamo would otherwise guard (one compiled variant per layer shape or buffer it was cut from)."""
+    return [
+        tuple(a.detach() for a in arg) if isinstance(arg, tuple) else arg.detach() if isinstance(arg, Tensor) else arg
+        for arg in args
+    ]
 
 
 def _compile_failed(device: torch.device, err: Exception) -> None:
@@ -157,7 +200,8 @@ def warm_up(device: torch.device, dtype: torch.dtype, with_costs: bool) -> None:
     costs = torch.ones_like(u) if with_costs else None
     scalars = torch.tensor([0.5, 0.0, 1.0], dtype=dtype).to(device).unbind(0)
     launch(soft_mask_pass, u, costs, torch.empty_like(u), *scalars)
-    launch(band_pass, u, costs, torch.empty(u.shape, dtype=torch.uint8, device=device), scalars[2] * 0.25, scalars[0])
+    inside, above = (torch.empty(u.shape, dtype=torch.uint8, device=device) for _ in range(2))
+    launch(band_pass, u, costs, (inside, above), scalars[2] * 0.25, scalars[0])
 
 
 def to_device(x: Tensor, device: torch.device) -> Tensor:

@@ -1,10 +1,11 @@
 """Forward weights of masked tensors and their gradients (docs/design.md §1.4 and §2).
 
 No autograd graph survives between steps: the Sparsifier's ``step()`` stores detached per-entry tensors
-(soft mask ``m``, slope ``s = m(1 − m)``, hard mask ``H``), and each layer's forward weight is one custom op
-on its own Parameter. For ``spartan`` the gradient through the soft mask splits into a local part, computed
-in the layer's backward, and one global scalar per allocation group, applied by :class:`GradientCorrection`
-once the whole backward (and any DDP averaging) is done.
+(soft mask ``m``, hard mask ``H``), and each layer's forward weight is one custom op on its own Parameter; the
+slope ``s = m(1 − m)`` is recomputed where the backward needs it (one fused pass for unstructured layers).
+For ``spartan`` the gradient through the soft mask splits into a local part, computed in the layer's backward,
+and one global scalar per allocation group, applied by :class:`GradientCorrection` once the whole backward (and
+any DDP averaging) is done.
 
 Shapes: ``m``, ``s`` and ``H`` are entry-shaped (see :class:`spartan.layers.MaskedTensor`); ``cost`` is the
 cost of one entry in cost units.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from spartan import kernels
 from spartan.layers import MaskedTensor
 
 
@@ -58,15 +60,47 @@ class GradientCorrection:
         return self.probe.grad if self.probe.grad is not None else torch.zeros_like(self.slope_total)
 
     def apply(self, members: Sequence[tuple[MaskedTensor, Tensor]], accumulated: Tensor) -> None:
-        """Correct the ``.grad`` of each ``(tensor, slope)`` member by ``C = accumulated``, then reset."""
+        """Correct the ``.grad`` of each ``(tensor, soft mask)`` member by ``C = accumulated``, then reset."""
         ratio = self.beta / self.slope_total
         shift = torch.where(self.slope_total > 0, accumulated * ratio, 0.0)  # S = 0: a saturated mask
-        for tensor, slope in members:
-            weight = tensor.weight
-            if weight.grad is not None:
-                step = tensor.expand((slope * shift).to(weight.grad.dtype))
-                weight.grad.sub_(weight.detach().sign() * step)
+        for tensor, soft in members:
+            grad, weight = tensor.weight.grad, tensor.weight.detach()
+            if grad is None:
+                continue
+            flat = _flat_views(grad, weight, soft) if tensor.block == (1, 1) else None
+            if flat is not None:
+                kernels.fuse(_correction_pass, *flat, shift)
+            else:
+                step = tensor.expand((soft * (1 - soft) * shift).to(grad.dtype))
+                grad.sub_(weight.sign() * step)
         self.probe.grad = None
+
+
+def _correction_pass(grad: Tensor, weight: Tensor, soft: Tensor, shift: Tensor) -> None:
+    """``grad −= sign(w)·s·shift`` in place, ``s = m(1 − m)``; all alike in shape and layout."""
+    grad.sub_(weight.sign() * (soft * (1 - soft) * shift).to(grad.dtype))
+
+
+def _local_gradient_pass(grad: Tensor, weight: Tensor, soft: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Unstructured Spartan's local gradient ``grad·m + sign(w)·s·(grad·w)·scale`` (``scale = β / cost``) and
+    ``Σ s·grad·w`` (float64, 0-dim), ``s = m(1 − m)``; all alike in shape and layout."""
+    slope = soft * (1 - soft)
+    grad_mask = grad * weight  # ∂L/∂m
+    probe_grad = (grad_mask.double() * slope).sum()
+    grad_weight = grad * soft + weight.sign() * (slope * grad_mask * scale)
+    return grad_weight.to(weight.dtype), probe_grad
+
+
+def _flat_views(*tensors: Tensor) -> tuple[Tensor, ...] | None:
+    """The tensors as flat views in memory order, when they share one shape and one dense layout (contiguous or
+    channels_last): elementwise work then compiles to one kernel whatever the layer's rank and layout. None
+    inside a region ``torch.compile`` traces (it fuses the plain ops itself, and its functionalization replays
+    ``as_strided`` on a view's base: at the wrong offset for masks that are views into the shared buffers)."""
+    first = tensors[0]
+    if torch.compiler.is_compiling() or any(t.shape != first.shape or t.stride() != first.stride() for t in tensors):
+        return None
+    dense = first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))
+    return tuple(t.as_strided((t.numel(),), (1,)) for t in tensors) if dense else None
 
 
 class _SpartanWeight(torch.autograd.Function):
@@ -75,31 +109,31 @@ class _SpartanWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        weight: Tensor,
-        keep: Tensor,
-        soft: Tensor,
-        slope: Tensor,
-        probe: Tensor,
-        beta: Tensor,
-        tensor: MaskedTensor,
-        cost: float,
+        ctx, weight: Tensor, keep: Tensor, soft: Tensor, probe: Tensor, beta: Tensor, tensor: MaskedTensor, cost: float
     ) -> Tensor:
-        ctx.save_for_backward(weight, soft, slope, beta)
+        ctx.save_for_backward(weight, soft, beta)
         ctx.tensor, ctx.cost = tensor, cost
         return weight * tensor.expand(keep)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        weight, soft, slope, beta = ctx.saved_tensors
-        tensor = ctx.tensor
-        grad_mask = tensor.block_sum(grad * weight)  # ∂L/∂m per entry
-        probe_grad = (grad_mask.double() * slope).sum()
-        through_mask = tensor.expand(slope * grad_mask * (beta / ctx.cost))
-        grad_weight = (grad * tensor.expand(soft) + weight.sign() * through_mask).to(weight.dtype)
-        if grad_weight.stride() != weight.stride():  # DDP's buckets expect the weight's layout
-            grad_weight = torch.empty_like(weight).copy_(grad_weight)
-        return grad_weight, None, None, None, probe_grad, None, None, None
+        weight, soft, beta = ctx.saved_tensors
+        tensor, scale = ctx.tensor, beta / ctx.cost
+        if grad.stride() != weight.stride():  # DDP's buckets expect the weight's layout, and so does the fused pass
+            grad = torch.empty_like(weight, dtype=grad.dtype).copy_(grad)
+        flat = _flat_views(grad, weight, soft) if tensor.block == (1, 1) else None
+        if flat is not None:
+            grad_weight, probe_grad = kernels.fuse(_local_gradient_pass, *flat, scale)
+            grad_weight = grad_weight.as_strided(weight.shape, weight.stride())
+        else:  # blocks (the mask's terms are per entry, summed over and broadcast to each block), or traced
+            slope = soft * (1 - soft)
+            grad_mask = tensor.block_sum(grad * weight)
+            probe_grad = (grad_mask.double() * slope).sum()
+            through_mask = tensor.expand(slope * grad_mask * scale)
+            grad_weight = (grad * tensor.expand(soft) + weight.sign() * through_mask).to(weight.dtype)
+            if grad_weight.stride() != weight.stride():
+                grad_weight = torch.empty_like(weight).copy_(grad_weight)
+        return grad_weight, None, None, probe_grad, None, None, None
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -115,16 +149,10 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def spartan_weight(
-    weight: Tensor,
-    tensor: MaskedTensor,
-    keep: Tensor,
-    soft: Tensor,
-    slope: Tensor,
-    cost: float,
-    correction: GradientCorrection,
+    weight: Tensor, tensor: MaskedTensor, keep: Tensor, soft: Tensor, cost: float, correction: GradientCorrection
 ) -> Tensor:
     """Spartan's forward weight; ``keep = H·m`` is precomputed by the caller (it is what the forward uses)."""
-    return _SpartanWeight.apply(weight, keep, soft, slope, correction.probe, correction.beta, tensor, cost)
+    return _SpartanWeight.apply(weight, keep, soft, correction.probe, correction.beta, tensor, cost)
 
 
 def straight_through_weight(weight: Tensor, tensor: MaskedTensor, keep: Tensor) -> Tensor:

@@ -81,8 +81,8 @@ class LayerMask(nn.Module):
     """The parametrization of one masked weight: ``weight -> effective weight`` by its method.
 
     ``keep`` is the per-entry forward multiplier (entry-shaped, the weight's dtype): what the forward applies and
-    what stays after the freeze. ``soft``, ``slope`` (``m(1 − m)``), ``cost`` (one entry's cost) and
-    ``correction`` are set for soft-mask methods only.
+    what stays after the freeze. ``soft`` (the soft mask ``m``), ``cost`` (one entry's cost) and ``correction``
+    are set for soft-mask methods only.
     """
 
     def __init__(self, tensor: MaskedTensor, method: Method):
@@ -91,7 +91,6 @@ class LayerMask(nn.Module):
         self.keep: Tensor | None = None
         self.frozen = False
         self.soft: Tensor | None = None
-        self.slope: Tensor | None = None
         self.cost = 1.0
         self.correction: GradientCorrection | None = None
 
@@ -153,11 +152,13 @@ class Method:
     def freeze(self, layer: LayerMask) -> None:
         """Fix ``layer``'s mask for fine-tuning: it keeps its forward multiplier, with plain masking."""
         layer.frozen = True
-        layer.soft = layer.slope = layer.correction = None
+        layer.soft = layer.correction = None
 
-    def telemetry(self, entries: Entries, groups: list[Group], layers: list[LayerMask]) -> dict[str, Any]:
+    def telemetry(
+        self, entries: Entries, groups: list[Group], layers: list[LayerMask], statistics: bool
+    ) -> dict[str, Any]:
         """Method-specific numbers for :meth:`Sparsifier.step`'s telemetry (after :meth:`select`): host numbers
-        or 0-dim device tensors, never read on the host here."""
+        or 0-dim device tensors, never read on the host here; ``statistics``: also those that cost a pass."""
         return {}
 
 
@@ -211,30 +212,34 @@ class Spartan(Method):
 
     def set_layer(self, layer: LayerMask, entries: Entries, group: Group, part: slice, entry_cost: float) -> None:
         shape = layer.tensor.entry_shape
-        soft = entries.soft[part].view(shape)  # soft and slope stay in the solver's precision
+        soft = entries.soft[part].view(shape)  # soft stays in the solver's precision
         keep = torch.where(entries.hard[part].view(shape), soft, 0.0).to(layer.tensor.weight.dtype)
         weight = layer.tensor.weight
-        layer.keep, layer.soft, layer.slope = (like_weight(x, weight) for x in (keep, soft, soft * (1 - soft)))
+        layer.keep, layer.soft = like_weight(keep, weight), like_weight(soft, weight)
         layer.cost, layer.correction = entry_cost, group.correction
 
     def forward(self, weight: Tensor, layer: LayerMask) -> Tensor:
-        return spartan_weight(weight, layer.tensor, layer.keep, layer.soft, layer.slope, layer.cost, layer.correction)
+        return spartan_weight(weight, layer.tensor, layer.keep, layer.soft, layer.cost, layer.correction)
 
-    def telemetry(self, entries: Entries, groups: list[Group], layers: list[LayerMask]) -> dict[str, Any]:
-        """``λ`` and the mean soft value of kept and dropped entries of the first group (0-dim tensors); the most
-        solver passes."""
+    def telemetry(
+        self, entries: Entries, groups: list[Group], layers: list[LayerMask], statistics: bool
+    ) -> dict[str, Any]:
+        """``λ`` of the first group and the most solver passes; with ``statistics``, the mean soft value of the
+        first group's kept and dropped entries (0-dim tensors)."""
         first = groups[0]
+        cheap = {
+            "lam": first.telemetry["lam"],
+            "solver_iterations": max(g.telemetry["solver_iterations"] for g in groups),
+        }
+        if not statistics:
+            return cheap
         hard = entries.hard[first.part]
         kept_soft = torch.stack([layers[i].keep.sum() for i in first.members]).sum()  # float32: it is telemetry
         n_kept = torch.count_nonzero(hard)
         n_dropped = hard.numel() - n_kept
         dropped_soft = entries.soft[first.part].sum() - kept_soft
-        return {
-            "lam": first.telemetry["lam"],
-            "soft_kept": kept_soft / n_kept,  # NaN when nothing is kept
-            "soft_dropped": dropped_soft / n_dropped,
-            "solver_iterations": max(g.telemetry["solver_iterations"] for g in groups),
-        }
+        # NaN when nothing is kept (dropped)
+        return {**cheap, "soft_kept": kept_soft / n_kept, "soft_dropped": dropped_soft / n_dropped}
 
 
 def _lambda_guess(group: Group, budget: float, beta: float) -> float | Tensor | None:

@@ -209,13 +209,15 @@ class Sparsifier:
             dist.all_reduce(accumulated, group=self.process_group)
             accumulated /= world
         for g, total in zip(self.groups, accumulated.unbind(0)):
-            g.correction.apply([(self.tensors[i], self.layers[i].slope) for i in g.members], total)
+            g.correction.apply([(self.tensors[i], self.layers[i].soft) for i in g.members], total)
 
-    def step(self) -> dict[str, Any]:
+    def step(self, *, statistics: bool = True) -> dict[str, Any]:
         """Advance one optimizer step: recompute masks from the updated weights; return telemetry.
 
         Telemetry values are host numbers or 0-dim device tensors (``flip_rate``, ``soft_kept``, ...): read them
-        (``float(...)``) only when logging, so a step does not wait for the device.
+        (``float(...)``) only when logging, so a step does not wait for the device. ``statistics=False`` leaves
+        out the numbers that cost a pass over every mask (``flip_rate``, and Spartan's ``soft_kept`` and
+        ``soft_dropped``): for the steps that are not logged.
         """
         if self.finalized:
             raise RuntimeError("Sparsifier.step() after finalize(): the model no longer carries masks")
@@ -230,9 +232,9 @@ class Sparsifier:
                 f"{self.entries.values.device}: move the model before creating the Sparsifier"
             )
         self.step_count += 1
-        return self._update()
+        return self._update(statistics)
 
-    def _update(self) -> dict[str, Any]:
+    def _update(self, statistics: bool = True) -> dict[str, Any]:
         """Masks for the current step from the current weights; freezes them at the freeze step."""
         step = self.step_count
         telemetry = {"step": step, "density_target": self.target_density(step), "frozen": self.frozen}
@@ -265,14 +267,15 @@ class Sparsifier:
                     self.method.set_layer(
                         self.layers[i], self.entries, group, part, self.factors[i] * self.tensors[i].block_numel
                     )
-            flips = torch.count_nonzero(self.entries.hard ^ self.entries.previous_hard)
         telemetry.update(
             masked_density_target=density,
             beta=self.schedule.beta(step, math.prod(self.config.block)),
             **({"beta_effective": betas[0]} if self.method.soft_mask else {}),
-            flip_rate=flips / self.entries.hard.numel(),
         )
-        telemetry.update(self.method.telemetry(self.entries, self.groups, self.layers))
+        if statistics:
+            flips = torch.count_nonzero(self.entries.hard ^ self.entries.previous_hard)
+            telemetry["flip_rate"] = flips / self.entries.hard.numel()
+        telemetry.update(self.method.telemetry(self.entries, self.groups, self.layers, statistics))
         if self.schedule.frozen(step):
             self._freeze()
             telemetry["frozen"] = True
@@ -301,7 +304,7 @@ class Sparsifier:
                     torch.abs(tensor.weight, out=entries)  # no temporary: this runs on every weight each step
                 else:  # blocks are summed in the solver's precision, not in float16
                     entries.copy_(tensor.entry_values(tensor.weight.to(entries.dtype)))
-            if self.entries.costs is None:
+            if self.entries.costs is None and group.unit_cost != 1:
                 values[group.part] /= group.unit_cost  # unit values
         if self.entries.costs is not None:
             values /= self.entries.costs

@@ -37,9 +37,6 @@ rounding in budgets such as ``0.29 * 100``."""
 
 _SAMPLE_SIZE = 1 << 16
 
-# flags written by kernels.band_pass
-_BELOW, _INSIDE, _ABOVE = 0, 1, 2
-
 
 @dataclass(frozen=True)
 class SoftTopKSolution:
@@ -490,18 +487,21 @@ def hard_topk_groups(
     """Write every group's hard top-k set into ``out[part]`` (bool), all groups in lockstep.
 
     ``u``: flat unit values; ``costs``: flat per-entry costs or None (then budgets count entries); ``flags``: a
-    flat uint8 scratch buffer like ``u``. Per group: its ``part``, budget and total cost (cost units) and its
-    warm state from the previous call (None: cold start from a sample). Returns each group's new warm state,
-    a float64 device tensor ``[threshold, band lo, band hi, movement]`` (None where everything fits).
+    flat uint8 scratch buffer like ``u`` (it ends up flagging the entries inside the bands). Per group: its
+    ``part``, budget and total cost (cost units) and its warm state from the previous call (None: cold start from
+    a sample). Returns each group's new warm state, a float64 device tensor
+    ``[threshold, band lo, band hi, movement]`` (None where everything fits).
 
     Host reads: one per band attempt (usually one) plus one to list the entries inside the bands; everything
     else stays on the device.
     """
     fits = [b * (1 + FIT_RTOL) for b in budgets]
     trivial = [total <= fit for total, fit in zip(totals, fits)]
+    above_bytes = out.view(torch.uint8)  # the band pass writes the entries above the band straight into ``out``
     for part, is_trivial in zip(parts, trivial):
         if is_trivial:
-            flags[part].fill_(_ABOVE)
+            flags[part].zero_()
+            out[part].fill_(True)
     active = [g for g in range(len(parts)) if not trivial[g]]
     # Σ (u − u) of the trivial groups, read with the first band attempt (NaN exactly when a value is not finite).
     trivial_check = torch.stack(
@@ -517,7 +517,13 @@ def hard_topk_groups(
     while active:
         band = torch.stack([bands[g] for g in active]).to(u.dtype)
         sums = [
-            kernels.launch(kernels.band_pass, u[parts[g]], _part(costs, parts[g]), flags[parts[g]], *band[k])
+            kernels.launch(
+                kernels.band_pass,
+                u[parts[g]],
+                _part(costs, parts[g]),
+                (flags[parts[g]], above_bytes[parts[g]]),
+                *band[k],
+            )
             for k, g in enumerate(active)
         ]
         table = torch.cat([torch.stack(sums), band.double()], 1)
@@ -540,7 +546,6 @@ def hard_topk_groups(
         for g in moved:
             bands[g] = kernels.to_device(bands[g], u.device)
         active = moved
-    torch.eq(flags, _ABOVE, out=out)
     resolved = [g for g in range(len(parts)) if not trivial[g]]
     if not resolved:
         return [None] * len(parts)
@@ -568,7 +573,7 @@ def _rank_bands(
     each resolved group's warm state ``[threshold, lo, hi, movement since the previous threshold]``.
     """
     device = u.device
-    index = torch.eq(flags, _INSIDE).nonzero().squeeze(1)  # ascending: ties are taken in this order
+    index = flags.nonzero().squeeze(1)  # ascending: ties are taken in this order
     bands = torch.stack([band_of[g] for g in resolved])
     if len(resolved) == 1 and costs is None:
         (g,) = resolved

@@ -112,6 +112,6 @@ def test_the_gpu_check_dry_runs_every_section_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     sections = json.loads(out.read_text())["sections"]
     assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(
-        ("env", "kernels", "determinism", "syncs", "steps", "ddp", "sparse_inference"), "ok"
+        ("env", "kernels", "determinism", "syncs", "steps", "ddp", "sparse_inference", "ffcv"), "ok"
     )
     assert "| steps | ok |" in done.stdout

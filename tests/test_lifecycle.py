@@ -47,8 +47,8 @@ def signal_at_step(monkeypatch, step: int, signum: int) -> None:
     """Send ``signum`` to this process right after optimizer step ``step`` (as a preemption would, any time)."""
     optimizer_step = loop.Run.optimizer_step
 
-    def stepping(self):
-        telemetry = optimizer_step(self)
+    def stepping(self, **kwargs):
+        telemetry = optimizer_step(self, **kwargs)
         if self.progress.step == step:
             os.kill(os.getpid(), signum)
         return telemetry
@@ -60,10 +60,10 @@ def crash_after_step(monkeypatch, step: int) -> None:
     """The process dies (as a killed node would) when it is about to take the step after ``step``."""
     optimizer_step = loop.Run.optimizer_step
 
-    def stepping(self):
+    def stepping(self, **kwargs):
         if self.progress.step == step:
             raise RuntimeError("the node went down")
-        return optimizer_step(self)
+        return optimizer_step(self, **kwargs)
 
     monkeypatch.setattr(loop.Run, "optimizer_step", stepping)
 
@@ -316,9 +316,9 @@ def test_time_based_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
     optimizer_step = loop.Run.optimizer_step
 
-    def slow_steps(self):
+    def slow_steps(self, **kwargs):
         clock[0] += 10.0  # every step takes 10 s
-        return optimizer_step(self)
+        return optimizer_step(self, **kwargs)
 
     monkeypatch.setattr(loop.Run, "optimizer_step", slow_steps)
     written = []

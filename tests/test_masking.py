@@ -68,9 +68,8 @@ def test_spartan_gradient_equals_autograd_through_the_explicit_formula(block):
     correction.set(beta, float((cost * soft * (1 - soft)).sum()))
     members, effective = [], []
     for t, m_t, h_t, c_t in zip(tensors, split(soft, tensors), split(hard, tensors), costs):
-        slope = m_t * (1 - m_t)
-        members.append((t, slope))
-        effective.append(spartan_weight(t.weight, t, h_t * m_t, m_t, slope, float(c_t.flatten()[0]), correction))
+        members.append((t, m_t))
+        effective.append(spartan_weight(t.weight, t, h_t * m_t, m_t, float(c_t.flatten()[0]), correction))
     loss_of(effective, model, x, target).backward()
     assert correction.pending
     local_only = [t.weight.grad.clone() for t in tensors]
@@ -96,11 +95,11 @@ def test_correction_accumulates_over_micro_batches():
         layers = list(zip(tensors, split(soft, tensors), split(hard, tensors), costs))
         for xb, yb in batches:
             effective = [
-                spartan_weight(t.weight, t, h_t * m_t, m_t, m_t * (1 - m_t), float(c_t.flatten()[0]), correction)
+                spartan_weight(t.weight, t, h_t * m_t, m_t, float(c_t.flatten()[0]), correction)
                 for t, m_t, h_t, c_t in layers
             ]
             (loss_of(effective, model, xb, yb) * len(xb) / len(x)).backward()
-        correction.apply([(t, m_t * (1 - m_t)) for t, m_t, _, _ in layers], correction.accumulated())
+        correction.apply([(t, m_t) for t, m_t, _, _ in layers], correction.accumulated())
         return [t.weight.grad.clone() for t in tensors]
 
     whole = run([(x, target)])
@@ -127,3 +126,34 @@ def test_topkast_gradient_is_dense_and_magnitude_gradient_is_masked():
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
     pruned = [(t.expand(h) == 0) for t, h in zip(tensors, keeps)]
     assert all(bool((g[p] != 0).any()) for g, p in zip(dense_grads, pruned))  # dual averaging revives them
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_the_fused_gradient_passes_equal_the_per_op_formula(layout, monkeypatch):
+    from spartan import Sparsifier, SparsityConfig, kernels, masking
+
+    torch.manual_seed(0)
+    # Both masked weights reach kernels.COMPILE_MIN_NUMEL (147,456 and 262,144), so their passes are compiled.
+    model = nn.Sequential(nn.Conv2d(64, 256, 3, padding=1), nn.Flatten(), nn.Linear(256 * 2 * 2, 256))
+    model = model.to(memory_format=layout)
+    sparsifier = Sparsifier(model, SparsityConfig(method="spartan", target=0.9, warmup_frac=0.0), total_steps=10)
+    x = torch.randn(8, 64, 2, 2).contiguous(memory_format=layout)
+
+    def gradients() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each masked weight's local gradient and the global term finish_backward() adds to it."""
+        model(x).square().mean().backward()
+        local = [t.weight.grad.clone(memory_format=torch.preserve_format) for t in sparsifier.tensors]
+        sparsifier.finish_backward()
+        grads = [(g, t.weight.grad - g) for t, g in zip(sparsifier.tensors, local)]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    fused = gradients()
+    assert {masking._local_gradient_pass, masking._correction_pass} <= kernels._compiled.keys()
+    monkeypatch.setattr(masking, "_flat_views", lambda *tensors: None)  # the per-op path blocked layers take
+    per_op = gradients()
+    for tensor, (local, term), (fused_local, fused_term) in zip(sparsifier.tensors, per_op, fused):
+        assert fused_local.stride() == tensor.weight.stride(), tensor.name  # DDP's buckets expect the layout
+        torch.testing.assert_close(fused_local, local, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(fused_term, term, rtol=1e-4, atol=1e-4 * float(term.abs().max()))
+        assert float(local.abs().max()) > 0 and float(term.abs().max()) > 0

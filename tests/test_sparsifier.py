@@ -28,7 +28,9 @@ class SmallCNN(nn.Module):
         return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
 
 
-def train(model, sparsifier, optimizer, steps, seed=0, input_shape=(3, 8, 8), classes=10, batch=4, skip=0):
+def train(
+    model, sparsifier, optimizer, steps, seed=0, input_shape=(3, 8, 8), classes=10, batch=4, skip=0, statistics=True
+):
     """``steps`` training steps on random batches; ``skip`` batches of the stream are passed over first."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(skip):
@@ -42,7 +44,7 @@ def train(model, sparsifier, optimizer, steps, seed=0, input_shape=(3, 8, 8), cl
         sparsifier.finish_backward()
         optimizer.step()
         optimizer.zero_grad()
-        telemetry.append(sparsifier.step())
+        telemetry.append(sparsifier.step(statistics=statistics))
     return telemetry
 
 
@@ -364,6 +366,25 @@ def test_telemetry_reports_the_schedule_and_the_solver():
     assert {"lam", "solver_iterations", "flip_rate", "soft_kept", "soft_dropped"} <= set(first)
     assert first["soft_kept"] > first["soft_dropped"]
     assert telemetry[2]["frozen"] and not telemetry[1]["frozen"]
+
+
+@pytest.mark.parametrize("method", ["spartan", "topkast"])
+def test_steps_without_statistics_train_the_same_model(method):
+    runs = {}
+    for statistics in (True, False):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        config = SparsityConfig(method=method, target=0.8, warmup_frac=0.5)
+        sparsifier = Sparsifier(model, config, total_steps=6, optimizer=optimizer)
+        telemetry = train(model, sparsifier, optimizer, 4, statistics=statistics)
+        runs[statistics] = telemetry, sparsifier.masks(), model.state_dict()
+    (with_stats, masks, weights), (without, bare_masks, bare_weights) = runs[True], runs[False]
+    costly = {"flip_rate", "soft_kept", "soft_dropped"}
+    assert "flip_rate" in with_stats[-1] and not costly & set(without[-1])
+    assert {k: v for k, v in with_stats[-1].items() if k not in costly} == without[-1]
+    assert all(torch.equal(masks[k], bare_masks[k]) for k in masks)
+    assert all(torch.equal(weights[k], bare_weights[k]) for k in weights)
 
 
 @pytest.mark.parametrize(

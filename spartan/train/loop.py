@@ -274,11 +274,12 @@ class Run:
                 window["loss"] += loss.detach().float() * len(targets)
                 window["correct"] += (logits.detach().argmax(1) == labels).sum()
                 window["samples"] += len(labels)
-            telemetry = self.optimizer_step()
+            logged = self._logs_after(self.progress.step + 1, self.progress.epoch_step + 1)
+            telemetry = self.optimizer_step(statistics=logged)
             self.progress.epoch_step += 1
             self.progress.images += self.global_batch
             bar.update(1)
-            if self.progress.step % trainer.log_every == 0 or self.progress.epoch_step == self.steps_per_epoch:
+            if logged:
                 self._log_train(epoch, window, telemetry, bar)
             now = time.perf_counter()
             self.progress.train_seconds += now - clock
@@ -344,9 +345,14 @@ class Run:
         if due and not (epoch_done and self._checkpoints_after(epoch)):  # else the epoch's end writes one
             self.save_checkpoint(within_epoch=True)
 
-    def optimizer_step(self) -> dict[str, Any]:
+    def _logs_after(self, step: int, epoch_step: int) -> bool:
+        """Whether the train metrics are logged after global step ``step`` (``epoch_step`` within its epoch)."""
+        return step % self.config.trainer.log_every == 0 or epoch_step == self.steps_per_epoch
+
+    def optimizer_step(self, statistics: bool = True) -> dict[str, Any]:
         """One optimizer step on the accumulated gradients, in the order the Sparsifier needs: its global gradient
-        term → unscale/clip → step → new masks from the updated weights. Returns the Sparsifier's telemetry."""
+        term → unscale/clip → step → new masks from the updated weights. Returns the Sparsifier's telemetry
+        (``statistics``: with the numbers that cost a pass over the masks, for a logged step)."""
         self.sparsifier.finish_backward()
         if self.config.trainer.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -356,7 +362,7 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, for the log
         self.lr_schedule.step()
-        telemetry = self.sparsifier.step()
+        telemetry = self.sparsifier.step(statistics=statistics)
         self.progress.step += 1
         return telemetry
 
