@@ -3,6 +3,7 @@ for each method against dense, and the sparsifier's own step time, measured inte
 method in turn) so that the machine's drift hits every method alike.
 
     python scripts/bench_sparsifier.py                     # resnet50, 128 px, batch 16, CPU
+    python scripts/bench_sparsifier.py --model vit_b16 --batch-size 8      # 16×16 blocks in the encoder
     python scripts/bench_sparsifier.py --model small_cnn --threads 1 --batch-size 128 --steps 30
     python scripts/bench_sparsifier.py --device cuda --resolution 224 --batch-size 256 --bf16 --channels-last
 """
@@ -16,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -52,16 +54,20 @@ class Trainer:
     def __init__(self, method: str, args, device: torch.device, frozen: bool = False):
         torch.manual_seed(0)
         self.device, self.args = device, args
+        shape, classes, sparsity = (3, args.resolution, args.resolution), 1000, {}
         if args.model == "small_cnn":
             model, shape, classes = small_cnn(), (1, 28, 28), 10
+        elif args.model == "vit_b16":  # the paper's ViT setting: the encoder's Linears in 16×16 blocks
+            model = timm.create_model("vit_base_patch16_224", img_size=args.resolution)
+            sparsity = {"block": (16, 16), "include": ("blocks.*",), "accounting": "masked"}
         else:
-            model, shape, classes = torchvision.models.resnet50(), (3, args.resolution, args.resolution), 1000
+            model = torchvision.models.resnet50()
         layout = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = model.to(device).to(memory_format=layout)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         # Time steps inside the density warm-up, where masks change every step (the most work); frozen: after it.
         schedule = {"warmup_frac": 0.0, "finetune_frac": 1.0} if frozen else {}
-        config = SparsityConfig(method=method, target=0.9, **schedule)
+        config = SparsityConfig(method=method, target=0.9, **schedule, **sparsity)
         self.sparsifier = Sparsifier(self.model, config, total_steps=10_000, optimizer=self.optimizer)
         self.x = torch.randn(args.batch_size, *shape, device=device).contiguous(memory_format=layout)
         self.y = torch.randint(0, classes, (args.batch_size,), device=device)
@@ -116,10 +122,10 @@ def bench(args, device: torch.device, methods: dict[str, tuple[str, bool]]) -> l
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("resnet50", "small_cnn"), default="resnet50")
+    parser.add_argument("--model", choices=("resnet50", "vit_b16", "small_cnn"), default="resnet50")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--resolution", type=int, default=128, help="resnet50 input size (px)")
+    parser.add_argument("--resolution", type=int, default=128, help="resnet50 / vit_b16 input size (px)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -135,7 +141,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = bench(args, device, {m: (m, False) for m in METHODS})
-    size = f"{args.resolution} px" if args.model == "resnet50" else "28 px"
+    size = "28 px" if args.model == "small_cnn" else f"{args.resolution} px"
     print(
         f"{args.model}, {size}, batch {args.batch_size}, {device}, bf16={args.bf16}, "
         f"channels_last={args.channels_last}, threads={torch.get_num_threads()}, "

@@ -31,6 +31,11 @@ EAGER_CHUNK_CUDA = 1 << 24
 _compile_enabled = os.environ.get("SPARTAN_COMPILE", "1") != "0"
 _fallback_reason = "" if _compile_enabled else "turned off (SPARTAN_COMPILE=0 or kernels.set_compile(False))"
 _compiled: dict[Callable, Callable] = {}
+_over_limit: set[Callable] = set()
+
+RECOMPILE_LIMIT = 64
+"""Compiled variants each kernel may have. Dynamo's default (8) counts every dtype, block shape and buffer offset
+that a process meets, and a process training several models (the test suite, a notebook) goes past it."""
 
 
 def soft_mask_pass(
@@ -126,14 +131,9 @@ def launch(
     falls back to the eager chunks; :func:`path` reports which path is active and why.
     """
     if _compile_enabled and u.numel() >= COMPILE_MIN_NUMEL:
-        fn = _compiled.get(kernel)
-        if fn is None:
-            fn = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
-        try:
-            with torch.no_grad():  # sums and masks are never differentiated; one grad mode halves the variants
-                return torch.cat(fn(*_unaliased(u, costs, out, *scalars)))  # that count against dynamo's limit
-        except Exception as err:
-            _compile_failed(u.device, err)
+        ran, result = _run_compiled(kernel, u, costs, out, *scalars)
+        if ran:
+            return torch.cat(result)
     chunk = EAGER_CHUNK_CUDA if u.device.type == "cuda" else EAGER_CHUNK
     eager = _EAGER.get(kernel, kernel)
     sums = maxima = None
@@ -150,17 +150,37 @@ def fuse(kernel: Callable[..., Any], *args: Any) -> Any:
     """``kernel(*args)``, compiled into one loop when its first argument has at least :data:`COMPILE_MIN_NUMEL`
     entries and compilation is on; eagerly otherwise, and inside a region ``torch.compile`` is tracing (the
     kernel is then part of the caller's graph). Failures are handled as in :func:`launch`."""
-    first = args[0]
-    if _compile_enabled and first.numel() >= COMPILE_MIN_NUMEL and not torch.compiler.is_compiling():
-        fn = _compiled.get(kernel)
-        if fn is None:
-            fn = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
-        try:
-            with torch.no_grad():
-                return fn(*_unaliased(*args))
-        except Exception as err:
-            _compile_failed(first.device, err)
+    if _compile_enabled and args[0].numel() >= COMPILE_MIN_NUMEL and not torch.compiler.is_compiling():
+        ran, result = _run_compiled(kernel, *args)
+        if ran:
+            return result
     return kernel(*args)
+
+
+def _run_compiled(kernel: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    """``(True, result)`` of ``kernel`` compiled, or ``(False, None)`` where it cannot run compiled now: past
+    :data:`RECOMPILE_LIMIT` variants (warned once per kernel; that call runs eagerly), or after a compilation
+    failure (see :func:`_compile_failed`)."""
+    fn = _compiled.get(kernel)
+    if fn is None:
+        fn = _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    try:
+        # no_grad: nothing here is differentiated, and one grad mode halves the variants
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=limit):
+            return True, fn(*_unaliased(*args))
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        if kernel not in _over_limit:
+            _over_limit.add(kernel)
+            warnings.warn(
+                f"spartan: {kernel.__name__} reached {limit} compiled variants (dtypes, block shapes, buffer "
+                f"offsets) in this process; inputs needing a new one run eagerly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    except Exception as err:
+        _compile_failed(args[0].device, err)
+    return False, None
 
 
 def _unaliased(*args: Any) -> list[Any]:

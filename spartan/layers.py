@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,23 @@ class MaskedTensor:
             return x
         (bh, bw), (rows, cols, *rest) = self.block, self.entry_shape
         return x.reshape(rows, bh, cols, bw, *rest).sum(dim=(1, 3))
+
+    def blocked(self, x: Tensor) -> Tensor | None:
+        """A contiguous weight-shaped ``x`` as an ``(R, bh, C, bw, K)`` view, ``R × C × K`` being ``entry_shape``
+        (``K``: a convolution's kernel positions, 1 for a Linear); None when ``x`` is not contiguous."""
+        if not x.is_contiguous():
+            return None
+        (bh, bw), (rows, cols, *rest) = self.block, self.entry_shape
+        return x.view(rows, bh, cols, bw, math.prod(rest))
+
+    def multiply(self, x: Tensor, entries: Tensor) -> Tensor:
+        """``x * expand(entries)`` for a weight-shaped ``x``, broadcasting each entry over its block instead of
+        materializing the expansion when ``x`` is contiguous (one weight-sized pass, not two)."""
+        blocks = None if self.block == (1, 1) else self.blocked(x)
+        if blocks is None:
+            return x * self.expand(entries)
+        rows, _, cols, _, k = blocks.shape
+        return (blocks * entries.reshape(rows, 1, cols, 1, k)).view(self.shape)
 
     def expand(self, entries: Tensor) -> Tensor:
         """Broadcast per-entry values (shaped ``entry_shape``) back to the weight's shape."""

@@ -2,7 +2,7 @@
 
 No autograd graph survives between steps: the Sparsifier's ``step()`` stores detached per-entry tensors
 (soft mask ``m``, hard mask ``H``), and each layer's forward weight is one custom op on its own Parameter; the
-slope ``s = m(1 − m)`` is recomputed where the backward needs it (one fused pass for unstructured layers).
+slope ``s = m(1 − m)`` is recomputed where the backward needs it (in one fused pass per layer).
 For ``spartan`` the gradient through the soft mask splits into a local part, computed in the layer's backward,
 and one global scalar per allocation group, applied by :class:`GradientCorrection` once the whole backward (and
 any DDP averaging) is done.
@@ -67,9 +67,9 @@ class GradientCorrection:
             grad, weight = tensor.weight.grad, tensor.weight.detach()
             if grad is None:
                 continue
-            flat = _flat_views(grad, weight, soft) if tensor.block == (1, 1) else None
-            if flat is not None:
-                kernels.fuse(_correction_pass, *flat, shift)
+            views = _block_views(tensor, grad, weight, soft)
+            if views is not None:
+                kernels.fuse(_correction_pass, *views, shift)
             else:
                 step = tensor.expand((soft * (1 - soft) * shift).to(grad.dtype))
                 grad.sub_(weight.sign() * step)
@@ -77,30 +77,47 @@ class GradientCorrection:
 
 
 def _correction_pass(grad: Tensor, weight: Tensor, soft: Tensor, shift: Tensor) -> None:
-    """``grad −= sign(w)·s·shift`` in place, ``s = m(1 − m)``; all alike in shape and layout."""
-    grad.sub_(weight.sign() * (soft * (1 - soft) * shift).to(grad.dtype))
+    """``grad −= sign(w)·s·shift`` in place, ``s = m(1 − m)`` broadcast over each block (views of
+    :func:`_block_views`)."""
+    grad.sub_(weight.sign() * (soft * (1 - soft) * shift).to(grad.dtype)[:, None, :, None])
 
 
 def _local_gradient_pass(grad: Tensor, weight: Tensor, soft: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Unstructured Spartan's local gradient ``grad·m + sign(w)·s·(grad·w)·scale`` (``scale = β / cost``) and
-    ``Σ s·grad·w`` (float64, 0-dim), ``s = m(1 − m)``; all alike in shape and layout."""
+    """Spartan's local gradient ``grad·m + sign(w)·s·gm·scale`` (``scale = β / cost``, ``gm = Σ_block grad·w``,
+    ``s = m(1 − m)``, per-entry terms broadcast over each block) and ``Σ s·gm`` (float64, 0-dim), on the views
+    of :func:`_block_views`; the gradient comes back shaped like them."""
     slope = soft * (1 - soft)
-    grad_mask = grad * weight  # ∂L/∂m
+    grad_mask = (grad * weight).sum(dim=(1, 3))  # ∂L/∂m per entry
     probe_grad = (grad_mask.double() * slope).sum()
-    grad_weight = grad * soft + weight.sign() * (slope * grad_mask * scale)
+    through_mask = (slope * grad_mask * scale)[:, None, :, None]
+    grad_weight = grad * soft[:, None, :, None] + weight.sign() * through_mask
     return grad_weight.to(weight.dtype), probe_grad
 
 
-def _flat_views(*tensors: Tensor) -> tuple[Tensor, ...] | None:
-    """The tensors as flat views in memory order, when they share one shape and one dense layout (contiguous or
-    channels_last): elementwise work then compiles to one kernel whatever the layer's rank and layout. None
-    inside a region ``torch.compile`` traces (it fuses the plain ops itself, and its functionalization replays
-    ``as_strided`` on a view's base: at the wrong offset for masks that are views into the shared buffers)."""
-    first = tensors[0]
-    if torch.compiler.is_compiling() or any(t.shape != first.shape or t.stride() != first.stride() for t in tensors):
+def _block_views(tensor: MaskedTensor, grad: Tensor, weight: Tensor, soft: Tensor) -> tuple[Tensor, ...] | None:
+    """``grad`` and ``weight`` as ``(R, bh, C, bw, K)`` views and ``soft`` as ``(R, C, K)``, so that the fused
+    passes see every layer alike (one compiled variant serves most shapes): an unstructured layer flat in memory
+    order (``R`` = its size; any dense layout, channels_last included, shared by all three), a blocked one
+    contiguous. None for other layouts, and inside a region ``torch.compile`` traces (it fuses the plain ops
+    itself, and its functionalization replays ``as_strided`` on a view's base: at the wrong offset for masks that
+    are views into the shared buffers)."""
+    if torch.compiler.is_compiling() or grad.stride() != weight.stride():
         return None
-    dense = first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))
-    return tuple(t.as_strided((t.numel(),), (1,)) for t in tensors) if dense else None
+    if tensor.block == (1, 1):
+        dense = weight.is_contiguous() or (
+            weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+        )
+        if not dense or soft.stride() != weight.stride():
+            return None
+        n = weight.numel()
+        return tuple(t.as_strided((n, 1, 1, 1, 1), (1, 1, 1, 1, 1)) for t in (grad, weight)) + (
+            soft.as_strided((n, 1, 1), (1, 1, 1)),
+        )
+    blocks = tensor.blocked(weight)
+    if blocks is None or not soft.is_contiguous():
+        return None
+    rows, _, cols, _, k = blocks.shape
+    return tensor.blocked(grad), blocks, soft.view(rows, cols, k)
 
 
 class _SpartanWeight(torch.autograd.Function):
@@ -113,7 +130,7 @@ class _SpartanWeight(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(weight, soft, beta)
         ctx.tensor, ctx.cost = tensor, cost
-        return weight * tensor.expand(keep)
+        return tensor.multiply(weight, keep)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -121,11 +138,11 @@ class _SpartanWeight(torch.autograd.Function):
         tensor, scale = ctx.tensor, beta / ctx.cost
         if grad.stride() != weight.stride():  # DDP's buckets expect the weight's layout, and so does the fused pass
             grad = torch.empty_like(weight, dtype=grad.dtype).copy_(grad)
-        flat = _flat_views(grad, weight, soft) if tensor.block == (1, 1) else None
-        if flat is not None:
-            grad_weight, probe_grad = kernels.fuse(_local_gradient_pass, *flat, scale)
+        views = _block_views(tensor, grad, weight, soft)
+        if views is not None:
+            grad_weight, probe_grad = kernels.fuse(_local_gradient_pass, *views, scale)
             grad_weight = grad_weight.as_strided(weight.shape, weight.stride())
-        else:  # blocks (the mask's terms are per entry, summed over and broadcast to each block), or traced
+        else:  # the same formula op by op (traced by torch.compile, or a layout the views do not cover)
             slope = soft * (1 - soft)
             grad_mask = tensor.block_sum(grad * weight)
             probe_grad = (grad_mask.double() * slope).sum()
@@ -141,7 +158,7 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, keep: Tensor, tensor: MaskedTensor) -> Tensor:
-        return weight * tensor.expand(keep)
+        return tensor.multiply(weight, keep)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -170,4 +187,4 @@ def like_weight(entries: Tensor, weight: Tensor) -> Tensor:
 
 def masked_weight(weight: Tensor, tensor: MaskedTensor, keep: Tensor) -> Tensor:
     """Plain masking (magnitude pruning, and every method once frozen): dropped weights get no gradient."""
-    return weight * tensor.expand(keep)
+    return tensor.multiply(weight, keep)

@@ -300,9 +300,15 @@ class Sparsifier:
             for i, part in zip(group.members, group.slices):
                 tensor = self.tensors[i]
                 entries = values[part].view(tensor.entry_shape)
+                # Blocks are summed in the solver's precision, in one fused pass on the CPU only: on CUDA, Inductor
+                # may tune a reduction's order per process, and every rank must get the same values bit for bit.
+                fused = tensor.block != (1, 1) and tensor.weight.device.type == "cpu"
+                blocks = tensor.blocked(tensor.weight.detach()) if fused else None
                 if tensor.block == (1, 1) and tensor.weight.dtype == entries.dtype:
                     torch.abs(tensor.weight, out=entries)  # no temporary: this runs on every weight each step
-                else:  # blocks are summed in the solver's precision, not in float16
+                elif blocks is not None:
+                    kernels.fuse(_block_values_pass, blocks, entries.view(blocks.shape[0], blocks.shape[2], -1))
+                else:
                     entries.copy_(tensor.entry_values(tensor.weight.to(entries.dtype)))
             if self.entries.costs is None and group.unit_cost != 1:
                 values[group.part] /= group.unit_cost  # unit values
@@ -526,6 +532,11 @@ class Sparsifier:
         for group, saved in zip(self.groups, state["groups"]):  # the next flip rate is measured against these
             self.entries.hard[group.part].copy_(unpack_bits(saved["hard"]).reshape(-1))
         self._update()  # before the freeze step, so this only rebuilds the current masks
+
+
+def _block_values_pass(blocks: Tensor, out: Tensor) -> None:
+    """``out = Σ |w|`` over each block in ``out``'s dtype; ``blocks``: ``(R, bh, C, bw, K)``, ``out``: ``(R, C, K)``."""
+    out.copy_(blocks.to(out.dtype).abs().sum(dim=(1, 3)))
 
 
 def _position_sum(mask: Tensor) -> Tensor:

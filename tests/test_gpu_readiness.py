@@ -86,6 +86,22 @@ def test_a_compile_failure_falls_back_on_the_cpu_and_raises_on_cuda(monkeypatch)
     assert kernels.path() == "compiled"  # raising leaves the path as it was
 
 
+def _doubled(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_a_kernel_past_its_variant_limit_runs_eagerly_without_turning_compilation_off(monkeypatch):
+    monkeypatch.setattr(kernels, "RECOMPILE_LIMIT", 1)
+    x = torch.rand(kernels.COMPILE_MIN_NUMEL)
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch would delete the key when undoing)
+        assert torch.equal(kernels.fuse(_doubled, x), x * 2)  # the one variant allowed
+        with pytest.warns(RuntimeWarning, match=r"_doubled reached 1 compiled variants.*run eagerly"):
+            assert torch.equal(kernels.fuse(_doubled, x.double()), x.double() * 2)  # a second dtype: eager
+        assert kernels.path() == "compiled"  # not a broken toolchain: nothing turned off, nothing raises on CUDA
+        assert torch.equal(kernels.fuse(_doubled, x), x * 2)
+    assert _doubled in kernels._compiled
+
+
 def test_the_grad_mode_of_the_caller_does_not_recompile_the_kernels():
     from torch._dynamo.utils import counters
 

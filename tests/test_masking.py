@@ -128,16 +128,20 @@ def test_topkast_gradient_is_dense_and_magnitude_gradient_is_masked():
     assert all(bool((g[p] != 0).any()) for g, p in zip(dense_grads, pruned))  # dual averaging revives them
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_the_fused_gradient_passes_equal_the_per_op_formula(layout, monkeypatch):
+@pytest.mark.parametrize(
+    "layout, block",
+    [(torch.contiguous_format, (1, 1)), (torch.channels_last, (1, 1)), (torch.contiguous_format, (16, 16))],
+)
+def test_the_fused_gradient_passes_equal_the_per_op_formula(layout, block, monkeypatch):
     from spartan import Sparsifier, SparsityConfig, kernels, masking
 
     torch.manual_seed(0)
     # Both masked weights reach kernels.COMPILE_MIN_NUMEL (147,456 and 262,144), so their passes are compiled.
     model = nn.Sequential(nn.Conv2d(64, 256, 3, padding=1), nn.Flatten(), nn.Linear(256 * 2 * 2, 256))
-    model = model.to(memory_format=layout)
-    sparsifier = Sparsifier(model, SparsityConfig(method="spartan", target=0.9, warmup_frac=0.0), total_steps=10)
-    x = torch.randn(8, 64, 2, 2).contiguous(memory_format=layout)
+    model = model.double().to(memory_format=layout)  # float64: the global term is far below float32 rounding
+    config = SparsityConfig(method="spartan", target=0.9, warmup_frac=0.0, block=block, allocation="uniform")
+    sparsifier = Sparsifier(model, config, total_steps=10)
+    x = torch.randn(8, 64, 2, 2, dtype=torch.float64).contiguous(memory_format=layout)
 
     def gradients() -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each masked weight's local gradient and the global term finish_backward() adds to it."""
@@ -150,7 +154,7 @@ def test_the_fused_gradient_passes_equal_the_per_op_formula(layout, monkeypatch)
 
     fused = gradients()
     assert {masking._local_gradient_pass, masking._correction_pass} <= kernels._compiled.keys()
-    monkeypatch.setattr(masking, "_flat_views", lambda *tensors: None)  # the per-op path blocked layers take
+    monkeypatch.setattr(masking, "_block_views", lambda *tensors: None)  # the same formula op by op
     per_op = gradients()
     for tensor, (local, term), (fused_local, fused_term) in zip(sparsifier.tensors, per_op, fused):
         assert fused_local.stride() == tensor.weight.stride(), tensor.name  # DDP's buckets expect the layout

@@ -578,3 +578,16 @@ def test_kept_mean_beta_divides_by_the_mean_kept_unit_value():
     values = torch.cat([t.weight.detach().abs().flatten() for t in sparsifier.tensors])
     telemetry = sparsifier.step()
     assert telemetry["beta_effective"] == pytest.approx(3.0 / float(values[kept].double().mean()), rel=1e-5)
+
+
+def test_block_values_of_a_large_layer_are_its_block_sums():
+    from spartan import kernels
+    from spartan.sparsifier import _block_values_pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))  # 524,288 weights: compiled
+    sparsifier = Sparsifier(model, SparsityConfig(target=0.8, block=(16, 16), include=("0",)), total_steps=10)
+    (tensor,) = sparsifier.tensors
+    expected = tensor.entry_values(tensor.weight.detach()).reshape(-1) / 256  # unit values: per weight of a block
+    assert _block_values_pass in kernels._compiled
+    torch.testing.assert_close(sparsifier.entries.values, expected, rtol=1e-6, atol=0)
