@@ -83,12 +83,13 @@ class MaskedTensor:
 
     def multiply(self, x: Tensor, entries: Tensor) -> Tensor:
         """``x * expand(entries)`` for a weight-shaped ``x``, broadcasting each entry over its block instead of
-        materializing the expansion when ``x`` is contiguous (one weight-sized pass, not two)."""
+        materializing the expansion when ``x`` is contiguous (one weight-sized pass, not two). Boolean ``entries``
+        select: ``x`` where set, 0 elsewhere (no float multiplier is made)."""
         blocks = None if self.block == (1, 1) else self.blocked(x)
         if blocks is None:
-            return x * self.expand(entries)
+            return _apply(x, self.expand(entries))
         rows, _, cols, _, k = blocks.shape
-        return (blocks * entries.reshape(rows, 1, cols, 1, k)).view(self.shape)
+        return _apply(blocks, entries.reshape(rows, 1, cols, 1, k)).view(self.shape)
 
     def expand(self, entries: Tensor) -> Tensor:
         """Broadcast per-entry values (shaped ``entry_shape``) back to the weight's shape."""
@@ -97,6 +98,10 @@ class MaskedTensor:
         (bh, bw), (rows, cols, *rest) = self.block, self.entry_shape
         blocks = entries.reshape(rows, 1, cols, 1, *rest).expand(rows, bh, cols, bw, *rest)
         return blocks.reshape(self.shape)
+
+
+def _apply(x: Tensor, multiplier: Tensor) -> Tensor:
+    return torch.where(multiplier, x, 0.0) if multiplier.dtype == torch.bool else x * multiplier
 
 
 def find_masked_tensors(

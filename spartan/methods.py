@@ -80,8 +80,9 @@ class Group:
 class LayerMask(nn.Module):
     """The parametrization of one masked weight: ``weight -> effective weight`` by its method.
 
-    ``keep`` is the per-entry forward multiplier (entry-shaped, the weight's dtype): what the forward applies and
-    what stays after the freeze. ``soft`` (the soft mask ``m``), ``cost`` (one entry's cost) and ``correction``
+    ``keep`` is the per-entry forward multiplier (entry-shaped, in the weight's layout): what the forward applies
+    and what stays after the freeze; the hard mask itself (bool) for hard-mask methods, else in the weight's dtype.
+    ``soft`` (the soft mask ``m``), ``cost`` (one entry's cost) and ``correction``
     are set for soft-mask methods only.
     """
 
@@ -95,7 +96,7 @@ class LayerMask(nn.Module):
         self.correction: GradientCorrection | None = None
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self.keep.device != weight.device or self.keep.dtype != weight.dtype:
+        if self.keep.device != weight.device or self.keep.dtype not in (torch.bool, weight.dtype):
             raise RuntimeError(
                 f"{self.tensor.name} is {weight.dtype} on {weight.device} but its mask was built for "
                 f"{self.keep.dtype} on {self.keep.device}: move the model (model.to(...)) before "
@@ -140,8 +141,8 @@ class Method:
 
     def set_layer(self, layer: LayerMask, entries: Entries, group: Group, part: slice, entry_cost: float) -> None:
         """Hand ``layer`` its slice ``part`` of the masks (``entry_cost``: one entry's cost units)."""
-        keep = entries.hard[part].view(layer.tensor.entry_shape).to(layer.tensor.weight.dtype)
-        layer.keep = like_weight(keep, layer.tensor.weight)
+        # The mask's bytes themselves, not a float copy: the forward selects with them.
+        layer.keep = like_weight(entries.hard[part].view(layer.tensor.entry_shape), layer.tensor.weight)
 
     def forward(self, weight: Tensor, layer: LayerMask) -> Tensor:
         """The forward weight of ``layer`` before the freeze."""
@@ -211,11 +212,12 @@ class Spartan(Method):
             group.telemetry = {"lam": solve.lam, "solver_iterations": solve.iterations}
 
     def set_layer(self, layer: LayerMask, entries: Entries, group: Group, part: slice, entry_cost: float) -> None:
-        shape = layer.tensor.entry_shape
+        shape, weight = layer.tensor.entry_shape, layer.tensor.weight
         soft = entries.soft[part].view(shape)  # soft stays in the solver's precision
-        keep = torch.where(entries.hard[part].view(shape), soft, 0.0).to(layer.tensor.weight.dtype)
-        weight = layer.tensor.weight
-        layer.keep, layer.soft = like_weight(keep, weight), like_weight(soft, weight)
+        if layer.keep is None:  # written in place every step: no weight-sized allocation per layer and step
+            layer.keep = torch.empty_like(weight) if shape == weight.shape else weight.new_empty(shape)
+        torch.mul(entries.hard[part].view(shape), soft, out=layer.keep)  # m where kept, else 0 (m is finite)
+        layer.soft = like_weight(soft, weight)
         layer.cost, layer.correction = entry_cost, group.correction
 
     def forward(self, weight: Tensor, layer: LayerMask) -> Tensor:

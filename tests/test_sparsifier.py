@@ -591,3 +591,28 @@ def test_block_values_of_a_large_layer_are_its_block_sums():
     expected = tensor.entry_values(tensor.weight.detach()).reshape(-1) / 256  # unit values: per weight of a block
     assert _block_values_pass in kernels._compiled
     torch.testing.assert_close(sparsifier.entries.values, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method", ["spartan", "topkast", "magnitude"])
+@pytest.mark.parametrize("block", [(1, 1), (2, 4)])
+def test_masks_come_in_the_weights_dtype_and_are_what_the_forward_applies(method, block):
+    # hard-mask methods keep their masks as bool internally, Spartan writes its multiplier in place each step
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    config = SparsityConfig(method=method, target=0.7, block=block)  # the density ramps: masks change each step
+    sparsifier = Sparsifier(model, config, total_steps=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    moved = False
+    for _ in range(6):
+        masks = {name: mask.clone() for name, mask in sparsifier.masks().items()}
+        assert {mask.dtype for mask in masks.values()} == {torch.float32}
+        for i in (0, 2):
+            original = model[i].parametrizations.weight.original
+            assert torch.equal(model[i].weight, original * masks[f"{i}.weight"])
+        model(torch.randn(4, 16)).square().mean().backward()
+        sparsifier.finish_backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        moved |= any(not torch.equal(masks[n], m) for n, m in sparsifier.masks().items())
+    assert moved  # the masks changed, and what the forward applies followed them

@@ -8,7 +8,7 @@ import torch
 import spartan
 from spartan import kernels
 from spartan.reference import sinkhorn_soft_topk, sorted_hard_topk
-from spartan.topk import FIT_RTOL
+from spartan.topk import FIT_RTOL, _flagged_positions
 
 
 def oracle_soft_topk(u: torch.Tensor, costs: torch.Tensor, budget: float, beta: float) -> torch.Tensor:
@@ -238,6 +238,20 @@ def test_hard_topk_is_the_fractional_knapsack_prefix():
     result = spartan.hard_threshold(values, 4.0, costs)
     assert result.mask(values, costs).tolist() == [True, False, False]
     assert result.threshold == 2.0 and result.kept_cost == 1.0
+
+
+@pytest.mark.parametrize(
+    "n, n_set", [(1 << 20, 3000), (1 << 20, 0), ((1 << 20) + 5, 9000), (1 << 20, 200_000), (999, 50)]
+)
+def test_flagged_positions_are_those_nonzero_lists(n, n_set):
+    # sparse and dense flags, a tail that is not a whole word, a set last byte, a buffer too small for words
+    gen = torch.Generator().manual_seed(n_set)
+    flags = torch.zeros(n, dtype=torch.uint8)
+    flags[torch.randint(0, n, (n_set,), generator=gen)] = torch.randint(
+        1, 256, (n_set,), generator=gen, dtype=torch.uint8
+    )
+    flags[-1] = 1
+    assert torch.equal(_flagged_positions(flags), flags.nonzero().squeeze(1))
 
 
 def test_hard_budget_absorbs_float_rounding():
