@@ -80,8 +80,9 @@ class Group:
 class LayerMask(nn.Module):
     """The parametrization of one masked weight: ``weight -> effective weight`` by its method.
 
-    ``keep`` is the per-entry forward multiplier (entry-shaped, in the weight's layout): what the forward applies
-    and what stays after the freeze; the hard mask itself (bool) for hard-mask methods, else in the weight's dtype.
+    ``keep`` is the per-entry forward multiplier (entry-shaped; in the weight's layout when it has the weight's
+    shape): what the forward applies and what stays after the freeze; the hard mask itself (bool) for hard-mask
+    methods, else in the weight's dtype.
     ``soft`` (the soft mask ``m``), ``cost`` (one entry's cost) and ``correction``
     are set for soft-mask methods only.
     """
